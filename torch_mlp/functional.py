@@ -1,0 +1,565 @@
+"""Hand-derived autograd Functions for an MLP, and their functional wrappers.
+
+Each ``torch.autograd.Function`` below computes its forward pass with plain tensor ops and its
+backward pass exactly as derived in ``derivation.md``. None of the backward passes call native
+autograd: they are the formulas, written in differentiable torch ops so that double backward
+(``gradgradcheck``) is exact. Each also has a ``jvp``, the forward-mode twin of its backward.
+
+Sizes in shape comments: N batch, D input features, H hidden units (out features), C classes,
+M = rows after flattening leading dims.
+
+The wrappers (``linear``, ``relu``, ``cross_entropy``, ``l2_penalty``) have the signatures of
+their ``torch.nn.functional`` namesakes, check their arguments with PyTorch-style messages, and
+follow autocast's dtype rules the way the native ops do.
+
+This module imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+__all__ = [
+    "L2PenaltyFunction",
+    "LinearFunction",
+    "ReLUFunction",
+    "SoftmaxCrossEntropyFunction",
+    "cross_entropy",
+    "l2_penalty",
+    "linear",
+    "relu",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Linear: u = x W + c, with W = weight.T (weight is stored (out, in) like nn.Linear)
+# --------------------------------------------------------------------------------------------
+class LinearFunction(Function):
+    """``u = x · weightᵀ + bias`` for x of shape (*, D), weight (H, D), bias (H) or None.
+
+    Backward, as derived (g = dL/du):  dL/dx = g · weight,  dL/dweight = gᵀ · x (summed over
+    every leading dim),  dL/dbias = Σ g.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (M, D)
+        if bias is None:
+            u = x2.mm(weight.t())
+        else:
+            u = torch.addmm(bias, x2, weight.t())  # one fused GEMM + bias, (M, H)
+        return u.reshape(*x.shape[:-1], weight.shape[0])  # (*, H)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        # Save only what a requested gradient needs: x for dL/dweight, weight for dL/dx.
+        ctx.save_for_backward(
+            x if ctx.needs_input_grad[1] else None,
+            weight if ctx.needs_input_grad[0] else None,
+        )
+        ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        g2 = g.reshape(-1, g.shape[-1])  # (M, H); reshape, not view: g may be non-contiguous
+        if ctx.needs_input_grad[0]:
+            grad_x = g2.mm(weight).reshape(*g.shape[:-1], weight.shape[1])  # g · weight, (*, D)
+        if ctx.needs_input_grad[1]:
+            grad_weight = g2.t().mm(x.reshape(-1, x.shape[-1]))  # gᵀ · x, (H, D)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0)  # Σ g over all rows, (H)
+        return grad_x, grad_weight, grad_bias
+
+    @staticmethod
+    def jvp(ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None):
+        # Forward mode of the same product rule: du = dx · weightᵀ + x · dweightᵀ + dbias.
+        x, weight = ctx.saved_tensors
+        u_t = None
+        if x_t is not None:
+            u_t = LinearFunction.forward(x_t, weight, None)
+        if weight_t is not None:
+            term = LinearFunction.forward(x, weight_t, None)
+            u_t = term if u_t is None else u_t + term
+        if bias_t is not None:
+            u_t = bias_t.expand(*x.shape[:-1], weight.shape[0]) if u_t is None else u_t + bias_t
+        return u_t
+
+
+# --------------------------------------------------------------------------------------------
+# ReLU: h = max(0, u)
+# --------------------------------------------------------------------------------------------
+class ReLUFunction(Function):
+    """``h = max(0, u)``. Backward: dL/du = 1[u > 0] ⊙ g.
+
+    The Jacobian is diagonal, so the product with it is element-wise. The mask is read off the
+    saved *output* (h > 0 exactly where u > 0): when the next Linear saves h as its input, the
+    two share one tensor and ReLU adds nothing to the memory kept for backward.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: Tensor, inplace: bool) -> Tensor:
+        return u.clamp_min_(0) if inplace else u.clamp_min(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, inplace = inputs
+        ctx.inplace = inplace
+        if inplace:
+            ctx.mark_dirty(u)
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (h,) = ctx.saved_tensors
+        # 1[u > 0] ⊙ g; zero at u = 0, as PyTorch's relu. masked_fill keeps g's NaNs like native.
+        return g.masked_fill(h <= 0, 0), None
+
+    @staticmethod
+    def jvp(ctx, u_t: Tensor, _inplace_t: None):
+        (h,) = ctx.saved_tensors
+        if ctx.inplace:  # an in-place op must update its input's tangent in place too
+            return u_t.masked_fill_(h <= 0, 0)
+        return u_t.masked_fill(h <= 0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax cross-entropy: L_i = -log p_{y_i}, p = softmax(z)
+# --------------------------------------------------------------------------------------------
+def _index_target_terms(
+    target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For class-index targets: (valid mask, target with ignored rows set to 0, w_{y_i}).
+
+    w_{y_i} is the class weight of each row's target (1 without ``weight``), 0 on ignored rows.
+    """
+    valid = target != ignore_index  # (M,)
+    safe_t = torch.where(valid, target, 0)  # (M,) a valid index on every row, for gather
+    if weight is None:
+        w_y = valid.to(dtype)
+    else:
+        w_y = torch.where(valid, weight.gather(0, safe_t), 0)
+    return valid, safe_t, w_y
+
+
+def _soft_target(
+    target: Tensor, weight: Tensor | None, label_smoothing: float, num_classes: int
+) -> Tensor:
+    """Class-probability targets as the weighted distribution Q the loss is taken against."""
+    q = target
+    if label_smoothing > 0:
+        q = q * (1 - label_smoothing) + label_smoothing / num_classes
+    return q if weight is None else q * weight  # (M, C)
+
+
+def _reduce(loss: Tensor, denom: Tensor | int, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / denom
+
+
+class SoftmaxCrossEntropyFunction(Function):
+    """Softmax + cross-entropy in one Function, with ``F.cross_entropy``'s semantics.
+
+    Takes logits z of shape (M, C) and a target of shape (M,) (class indices) or (M, C) (class
+    probabilities); the wrapper ``cross_entropy`` brings every input layout to this one.
+
+    Each row's loss is ``L_i = -Σ_c Q_ic log p_ic`` with p = softmax(z) and Q the row's
+    (weighted, smoothed) target: Q = onehot(y) in the derivation's plain case. Hence
+
+        dL_i/dz_i = (Σ_c Q_ic) · p_i − Q_i,
+
+    which is the derivation's p − onehot(y) when Q is a plain one-hot. Class weights, label
+    smoothing, ignore_index and the reduction change Q and the scale, never the form. Q is never
+    built as an (M, C) one-hot for index targets: its one-hot part is a scatter into p.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        z: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+    ) -> Tensor:
+        C = z.shape[-1]
+        logp = z - z.logsumexp(dim=-1, keepdim=True)  # (M, C), log-sum-exp: stable at |z| ~ 1e4
+        if target.is_floating_point():
+            q = _soft_target(target, weight, label_smoothing, C)  # (M, C)
+            loss = -(q * logp).sum(-1)  # (M,)
+            return _reduce(loss, loss.shape[0], reduction)
+        valid, safe_t, w_y = _index_target_terms(target, weight, ignore_index, z.dtype)
+        nll = -logp.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)  # (M,) -log p_{y_i}
+        loss = (1 - label_smoothing) * w_y * nll
+        if label_smoothing > 0:
+            smooth = -(logp.sum(-1) if weight is None else (logp * weight).sum(-1))  # (M,)
+            loss = loss + (label_smoothing / C) * smooth
+        loss = torch.where(valid, loss, 0)  # ignored rows cost 0 (where, so inf·0 is no NaN)
+        return _reduce(loss, w_y.sum(), reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, target, weight, ignore_index, reduction, label_smoothing = inputs
+        # z is saved (not p or log p): p is recomputed from it in backward, so the backward is a
+        # function of z that double backward differentiates exactly. Recomputing costs one
+        # log-sum-exp over (M, C); keeping log p instead would cost the same memory.
+        ctx.save_for_backward(z, target, weight)
+        ctx.save_for_forward(z, target, weight)
+        ctx.ignore_index = ignore_index
+        ctx.reduction = reduction
+        ctx.label_smoothing = label_smoothing
+
+    @staticmethod
+    def _row_scale(ctx, z: Tensor, target: Tensor, weight: Tensor | None, g: Tensor) -> Tensor:
+        """dL/dL_i for every row, (M,): g, or g/N for mean (g/Σw_{y_i} with index targets)."""
+        M = z.shape[0]
+        if target.is_floating_point():
+            denom = M
+            valid = None
+        else:
+            valid, _, w_y = _index_target_terms(target, weight, ctx.ignore_index, z.dtype)
+            denom = w_y.sum()
+        if ctx.reduction == "none":
+            scale = g
+        elif ctx.reduction == "sum":
+            scale = g.expand(M)
+        else:
+            scale = (g / denom).expand(M)
+        # Rows that are ignored get exactly 0, even when every row is ignored and g/0 is inf.
+        return scale if valid is None else torch.where(valid, scale, 0)
+
+    @staticmethod
+    def _dloss_dz(ctx, z: Tensor, target: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(dL_i/dz_i = (Σ_c Q_ic) p_i − Q_i for every row, log p), both (M, C)."""
+        C = z.shape[-1]
+        eps = ctx.label_smoothing
+        logp = z - z.logsumexp(dim=-1, keepdim=True)  # (M, C)
+        p = logp.exp()  # softmax(z), (M, C)
+        if target.is_floating_point():
+            q = _soft_target(target, weight, eps, C)  # (M, C)
+            return p * q.sum(-1, keepdim=True) - q, logp
+        valid, safe_t, w_y = _index_target_terms(target, weight, ctx.ignore_index, z.dtype)
+        # Q_i = (1-eps) w_{y_i} onehot(y_i) + (eps/C) w  on valid rows, 0 on ignored ones.
+        hot = (1 - eps) * w_y  # (M,)
+        if eps > 0:
+            w_sum = C if weight is None else weight.sum()
+            q_sum = hot + torch.where(valid, eps / C * w_sum, 0)  # Σ_c Q_ic, (M,)
+        else:
+            q_sum = hot
+        dz = p * q_sum.unsqueeze(-1)  # (M, C)
+        if eps > 0:
+            smooth = (eps / C) * (1 if weight is None else weight)
+            dz = dz - valid.unsqueeze(-1) * smooth  # uniform part of Q
+        # − onehot part of Q, scattered into place: no (M, C) one-hot is built.
+        dz = dz.scatter_add(-1, safe_t.unsqueeze(-1), -hot.unsqueeze(-1))
+        return dz, logp
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, target, weight = ctx.saved_tensors
+        grad_z = grad_target = None
+        scale = SoftmaxCrossEntropyFunction._row_scale(ctx, z, target, weight, g)  # (M,)
+        dz, logp = SoftmaxCrossEntropyFunction._dloss_dz(ctx, z, target, weight)
+        if ctx.needs_input_grad[0]:
+            grad_z = scale.unsqueeze(-1) * dz  # (M, C)
+        if ctx.needs_input_grad[1]:
+            # Class-probability targets: dL_i/dt_ic = −(1 − eps) w_c log p_ic.
+            dt = -(1 - ctx.label_smoothing) * logp
+            if weight is not None:
+                dt = dt * weight
+            grad_target = scale.unsqueeze(-1) * dt
+        return grad_z, grad_target, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, z_t, target_t, weight_t, *_):
+        z, target, weight = ctx.saved_tensors
+        dz, logp = SoftmaxCrossEntropyFunction._dloss_dz(ctx, z, target, weight)
+        one = torch.ones((), dtype=z.dtype, device=z.device)
+        scale = SoftmaxCrossEntropyFunction._row_scale(ctx, z, target, weight, one)
+        row_t = (dz * z_t).sum(-1) if z_t is not None else torch.zeros_like(scale)
+        if target_t is not None and target.is_floating_point():
+            dt = -(1 - ctx.label_smoothing) * logp
+            if weight is not None:
+                dt = dt * weight
+            row_t = row_t + (dt * target_t).sum(-1)
+        out_t = scale * row_t
+        return out_t if ctx.reduction == "none" else out_t.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# L2 penalty: ½ λ Σ W²
+# --------------------------------------------------------------------------------------------
+class L2PenaltyFunction(Function):
+    """``½ λ Σ_k ‖W_k‖²`` over any number of tensors. Backward: d/dW_k = λ W_k (times g)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(lam: float, *weights: Tensor) -> Tensor:
+        return 0.5 * lam * torch.stack([w.square().sum() for w in weights]).sum()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.lam = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+        ctx.save_for_forward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        weights = ctx.saved_tensors
+        grads = [
+            g * ctx.lam * w if ctx.needs_input_grad[k + 1] else None  # λ W, as derived
+            for k, w in enumerate(weights)
+        ]
+        return (None, *grads)
+
+    @staticmethod
+    def jvp(ctx, _lam_t, *weights_t):
+        weights = ctx.saved_tensors
+        terms = [(w * w_t).sum() for w, w_t in zip(weights, weights_t) if w_t is not None]
+        return ctx.lam * torch.stack(terms).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks and autocast
+# --------------------------------------------------------------------------------------------
+def _same_dtype_device(fn: str, **tensors: Tensor | None) -> None:
+    named = [(k, t) for k, t in tensors.items() if t is not None]
+    (k0, t0), rest = named[0], named[1:]
+    for k, t in rest:
+        if t.device != t0.device:
+            raise RuntimeError(
+                f"{fn}: expected all tensors on the same device, but {k0} is on {t0.device} "
+                f"and {k} is on {t.device}"
+            )
+        if t.dtype != t0.dtype:
+            raise RuntimeError(
+                f"{fn}: expected {k0} and {k} to have the same dtype, but got "
+                f"{k0}: {t0.dtype} and {k}: {t.dtype}"
+            )
+
+
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The autocast compute dtype for ``t``'s device type, or None when autocast is off."""
+    device_type = t.device.type
+    if device_type not in ("cpu", "cuda", "mps", "xpu") or not torch.is_autocast_enabled(
+        device_type
+    ):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # Autocast's eligibility rule: floating tensors other than float64 are cast.
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API, mirroring torch.nn.functional
+# --------------------------------------------------------------------------------------------
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x · weightᵀ + bias``, like :func:`torch.nn.functional.linear`, with a hand-derived backward.
+
+    Args:
+        x: input of shape (*, D).
+        weight: (H, D), stored (out, in) as in ``nn.Linear``; the derivation's W is ``weight.T``.
+        bias: (H) or None.
+
+    Under autocast, runs in the autocast dtype (float16 / bfloat16), as ``F.linear`` does.
+    """
+    if weight.dim() != 2:
+        raise ValueError(
+            f"linear: expected weight to be 2-D (out_features, in_features), got shape "
+            f"{_shape(weight)}"
+        )
+    if x.dim() == 0:
+        raise ValueError("linear: expected input with at least 1 dimension, got a 0-d tensor")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: input's last dimension ({x.shape[-1]}) does not match weight's "
+            f"in_features ({weight.shape[1]}): input shape {_shape(x)}, weight shape "
+            f"{_shape(weight)}"
+        )
+    if bias is not None and _shape(bias) != (weight.shape[0],):
+        raise ValueError(
+            f"linear: expected bias of shape ({weight.shape[0]},) to match weight "
+            f"{_shape(weight)}, got {_shape(bias)}"
+        )
+    cast = _autocast_dtype(x)
+    if cast is not None:
+        x, weight, bias = (_autocast_to(t, cast) for t in (x, weight, bias))
+    _same_dtype_device("linear", input=x, weight=weight, bias=bias)
+    if cast is None:
+        return LinearFunction.apply(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return LinearFunction.apply(x, weight, bias)
+
+
+def relu(u: Tensor, inplace: bool = False) -> Tensor:
+    """``max(0, u)``, like :func:`torch.nn.functional.relu`, with a hand-derived backward.
+
+    ``inplace=True`` overwrites ``u`` and marks it dirty, so autograd's version counter still
+    catches a later use of the overwritten values.
+    """
+    return ReLUFunction.apply(u, inplace)
+
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Softmax cross-entropy, like :func:`torch.nn.functional.cross_entropy`, hand-derived backward.
+
+    Args:
+        input: logits, (C), (N, C) or (N, C, d1, ..., dk).
+        target: class indices (int64) of shape (), (N) or (N, d1, ..., dk), or class
+            probabilities with the same shape and dtype as ``input``.
+        weight: per-class weight, (C).
+        ignore_index: target value that contributes neither loss nor gradient (index targets).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``. With index targets, ``"mean"`` divides
+            by the summed weight of the non-ignored targets (NaN when all are ignored).
+        label_smoothing: in [0, 1]; mixes the target with the uniform distribution.
+
+    Under autocast it computes in float32, as the native op does.
+    """
+    _check_reduction(reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if input.dim() == 0:
+        raise ValueError("cross_entropy: expected input of shape (C), (N, C) or (N, C, d1, ...)")
+    if not input.is_floating_point():
+        raise TypeError(f"cross_entropy: expected floating-point input (logits), got {input.dtype}")
+    if _autocast_dtype(input) is not None:
+        # cross_entropy is on autocast's float32 list: low-precision logits are upcast.
+        input = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+        if target.dtype in (torch.float16, torch.bfloat16):
+            target = target.float()
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    probs = target.is_floating_point()
+    if probs:
+        if target.shape != input.shape:
+            raise ValueError(
+                f"cross_entropy: class-probability target must have the input's shape "
+                f"{_shape(input)}, got {_shape(target)}"
+            )
+        _same_dtype_device("cross_entropy", input=input, target=target, weight=weight)
+    else:
+        if target.dtype != torch.int64:
+            raise TypeError(
+                f"cross_entropy: expected target of dtype torch.int64 (class indices) or "
+                f"{input.dtype} (class probabilities), got {target.dtype}"
+            )
+        expected = _shape(input)[:1] + _shape(input)[2:] if input.dim() > 1 else ()
+        if input.dim() > 1 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                f"({target.shape[0]})."
+            )
+        if _shape(target) != expected:
+            raise ValueError(
+                f"cross_entropy: expected target of shape {expected} for input of shape "
+                f"{_shape(input)}, got {_shape(target)}"
+            )
+        if target.device != input.device:
+            raise RuntimeError(
+                f"cross_entropy: expected target on {input.device} like input, got "
+                f"{target.device}"
+            )
+        _same_dtype_device("cross_entropy", input=input, weight=weight)
+        _check_target_range(target, C, ignore_index)
+    if weight is not None:
+        if _shape(weight) != (C,):
+            raise ValueError(
+                f"cross_entropy: expected weight of shape ({C},) (one per class), got "
+                f"{_shape(weight)}"
+            )
+        if weight.requires_grad:
+            raise RuntimeError(
+                "cross_entropy: the gradient with respect to weight is not supported; pass "
+                "weight.detach()"
+            )
+
+    if input.dim() == 1:  # unbatched (C)
+        z, t = input.unsqueeze(0), target.unsqueeze(0)
+    elif input.dim() == 2:
+        z, t = input, target
+    else:  # (N, C, d1, ..., dk) -> (N·d1···dk, C): classes last, one row per position
+        z = input.movedim(1, -1).reshape(-1, C)
+        t = target.movedim(1, -1).reshape(-1, C) if probs else target.reshape(-1)
+    loss = SoftmaxCrossEntropyFunction.apply(z, t, weight, ignore_index, reduction, label_smoothing)
+    if reduction != "none":
+        return loss
+    if input.dim() == 1:
+        return loss.squeeze(0)
+    return loss.reshape(_shape(input)[:1] + _shape(input)[2:])
+
+
+def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    # A value check needs concrete values; under torch.compile or a torch.func transform the
+    # gather in forward still refuses an out-of-range index, so nothing passes silently.
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target):
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bad.any():
+        value = target[bad][0].item()
+        raise IndexError(
+            f"cross_entropy: target {value} is out of bounds: class indices must be in "
+            f"[0, {num_classes}) or equal ignore_index ({ignore_index})"
+        )
+
+
+def l2_penalty(weights: Sequence[Tensor] | Tensor, lam: float) -> Tensor:
+    """The derivation's regularisation term ``½ λ Σ_k ‖W_k‖²``; its gradient is ``λ W_k``.
+
+    Args:
+        weights: a tensor or a sequence of tensors (typically the weight matrices, not biases).
+        lam: λ ≥ 0.
+    """
+    if isinstance(weights, Tensor):
+        weights = [weights]
+    weights = list(weights)
+    if isinstance(lam, Tensor):
+        raise TypeError("l2_penalty: lam must be a Python number, got a Tensor")
+    if not lam >= 0:  # also refuses NaN
+        raise ValueError(f"l2_penalty: lam must be non-negative, got {lam}")
+    if not weights:
+        raise ValueError("l2_penalty: expected at least one weight tensor, got none")
+    for k, w in enumerate(weights):
+        if not isinstance(w, Tensor) or not w.is_floating_point():
+            raise TypeError(f"l2_penalty: weights[{k}] must be a floating-point tensor")
+    _same_dtype_device("l2_penalty", **{f"weights[{k}]": w for k, w in enumerate(weights)})
+    return L2PenaltyFunction.apply(float(lam), *weights)
