@@ -58,7 +58,7 @@ class LinearFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias = inputs
+        x, weight, _ = inputs
         # Save only what a requested gradient needs: x for dL/dweight, weight for dL/dx.
         ctx.save_for_backward(
             x if ctx.needs_input_grad[1] else None,
@@ -380,7 +380,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
 # Functional API, mirroring torch.nn.functional
 # --------------------------------------------------------------------------------------------
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x · weightᵀ + bias``, like :func:`torch.nn.functional.linear`, with a hand-derived backward.
+    """``x · weightᵀ + bias``, like :func:`torch.nn.functional.linear`; hand-derived backward.
 
     Args:
         x: input of shape (*, D).

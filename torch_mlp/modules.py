@@ -199,7 +199,8 @@ class MLP(nn.Sequential):
     ) -> None:
         hidden = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
         sizes = [in_features, *hidden, out_features]
-        for name, n in zip(("in_features", *["hidden_features"] * len(hidden), "out_features"), sizes):
+        names = ("in_features", *["hidden_features"] * len(hidden), "out_features")
+        for name, n in zip(names, sizes):
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise ValueError(f"MLP: {name} must be positive integers, got {n!r}")
         layers: list[nn.Module] = []

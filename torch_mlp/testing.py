@@ -1,4 +1,4 @@
-"""Gradient checks you can run in your own CI: ``check_function`` and ``python -m torch_mlp.testing``.
+"""Gradient checks for your own CI: ``check_function`` and ``python -m torch_mlp.testing``.
 
 ``check_function(custom, reference, *inputs)`` puts a custom op (typically a function that
 calls your ``torch.autograd.Function``) through three checks:
