@@ -163,6 +163,17 @@ def _soft_target(
     return q if weight is None else q * weight  # (M, C)
 
 
+def _log_softmax(z: Tensor) -> Tensor:
+    """log p = s − log Σ_c exp(s_c) with s = z − max z, (M, C).
+
+    Shifting before the log-sum-exp keeps log p as accurate as native ``log_softmax`` at
+    |z| ~ 1e4: ``z − z.logsumexp()`` rounds the ~1e4 log-sum-exp to its float32 ulp (~1e-3)
+    before subtracting. The max only shifts (its derivative cancels), so it is detached.
+    """
+    s = z - z.amax(dim=-1, keepdim=True).detach()  # (M, C), max entry 0
+    return s - s.exp().sum(dim=-1, keepdim=True).log()
+
+
 def _reduce(loss: Tensor, denom: Tensor | int, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
@@ -199,7 +210,7 @@ class SoftmaxCrossEntropyFunction(Function):
         label_smoothing: float,
     ) -> Tensor:
         C = z.shape[-1]
-        logp = z - z.logsumexp(dim=-1, keepdim=True)  # (M, C), log-sum-exp: stable at |z| ~ 1e4
+        logp = _log_softmax(z)  # (M, C), shifted log-sum-exp: stable at |z| ~ 1e4
         if target.is_floating_point():
             q = _soft_target(target, weight, label_smoothing, C)  # (M, C)
             loss = -(q * logp).sum(-1)  # (M,)
@@ -249,7 +260,7 @@ class SoftmaxCrossEntropyFunction(Function):
         """(dL_i/dz_i = (Σ_c Q_ic) p_i − Q_i for every row, log p), both (M, C)."""
         C = z.shape[-1]
         eps = ctx.label_smoothing
-        logp = z - z.logsumexp(dim=-1, keepdim=True)  # (M, C)
+        logp = _log_softmax(z)  # (M, C)
         p = logp.exp()  # softmax(z), (M, C)
         if target.is_floating_point():
             q = _soft_target(target, weight, eps, C)  # (M, C)
@@ -478,6 +489,8 @@ def cross_entropy(
             )
         _same_dtype_device("cross_entropy", input=input, target=target, weight=weight)
     else:
+        if target.dtype == torch.uint8:  # native nll_loss also takes Byte class indices
+            target = target.long()
         if target.dtype != torch.int64:
             raise TypeError(
                 f"cross_entropy: expected target of dtype torch.int64 (class indices) or "

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as TF
 from torch import Tensor
+from torch.autograd.gradcheck import GradcheckError  # torch.autograd.gradcheck is the function
 
 __all__ = ["CheckResult", "GradientCheckError", "check_function", "function_cases", "main"]
 
@@ -92,7 +93,7 @@ def _jacobian_error(fn: Callable[..., Any], inputs: Sequence[Any], eps: float = 
 
     def evaluate(pos: int, j: int, delta: float) -> list[Tensor]:
         args = list(inputs)
-        t = args[pos].detach().clone()
+        t = args[pos].detach().clone(memory_format=torch.contiguous_format)  # view(-1) below
         t.view(-1)[j] += delta
         args[pos] = t.requires_grad_()
         outs = _as_tuple(fn(*args))
@@ -169,7 +170,7 @@ def check_function(
     try:
         torch.autograd.gradcheck(custom, x64, atol=fd_atol, raise_exception=True)
         ok = True
-    except torch.autograd.gradcheck.GradcheckError as e:  # pragma: no branch
+    except GradcheckError as e:  # pragma: no branch
         ok, why = False, str(e).splitlines()[0]
     result.gradcheck_max_err = _jacobian_error(custom, x64)
     if not ok:
@@ -185,7 +186,7 @@ def check_function(
         try:
             torch.autograd.gradgradcheck(custom, x64, g_out, atol=fd_atol, raise_exception=True)
             ok = True
-        except torch.autograd.gradcheck.GradcheckError as e:
+        except GradcheckError as e:
             ok, why = False, str(e).splitlines()[0]
         result.gradgradcheck_max_err = _jacobian_error(_first_order(custom, len(x64)),
                                                        [*x64, *g_out])

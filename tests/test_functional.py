@@ -1,0 +1,727 @@
+"""torch_mlp.functional against finite differences and against torch.nn.functional.
+
+1. The whole option matrix (``torch_mlp.testing.function_cases``) through ``check_function``:
+   gradcheck and gradgradcheck in float64, parity with the native op in float32 and float64;
+   then forward mode (each Function's ``jvp``) and batched gradients (the generated vmap rule).
+2. Parity with ``torch.nn.functional`` on the layouts the matrix does not cover: leading dims,
+   non-contiguous inputs and upstream gradients, batch size 1, k-dim and unbatched inputs,
+   all-ignored targets, logits of ±1e4, gradients w.r.t. probability targets.
+3. In-place ReLU and autograd's version counter.
+4. torch.func: vmap over each functional, and jvp.
+5. Bad input: each raises, with a message naming the argument and the shapes or values.
+
+Parity uses ``torch.testing.assert_close``'s defaults, which are keyed by dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+from torch.func import jvp, vmap
+
+from torch_mlp import functional as F
+from torch_mlp.testing import check_function, function_cases
+
+DTYPES = [torch.float32, torch.float64]
+DTYPE_IDS = ["float32", "float64"]
+CASES = list(function_cases())
+CASE_IDS = [case[0] for case in CASES]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _copies(args: list[Any]) -> list[Any]:
+    """Fresh leaves with the same values, strides and requires_grad; other arguments as they are."""
+    return [
+        a.detach().clone().requires_grad_(a.requires_grad)
+        if isinstance(a, Tensor) and a.is_floating_point()
+        else a
+        for a in args
+    ]
+
+
+def noncontig_randn(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A random tensor of ``shape`` laid out non-contiguously (transposed, or strided when 1-D)."""
+    if len(shape) == 0:
+        return torch.randn((), dtype=dtype)
+    g = torch.randn(*reversed(shape), dtype=dtype).permute(*reversed(range(len(shape))))
+    if g.is_contiguous():  # 1-D, or transposing only moved size-1 dims: stride 2 instead
+        g = torch.randn(*shape, 2, dtype=dtype)[..., 0]
+    assert g.shape == shape
+    assert g.numel() <= 1 or not g.is_contiguous()
+    return g
+
+
+def assert_parity(
+    ours: Callable[..., Tensor], ref: Callable[..., Tensor], args: list[Any]
+) -> tuple[Tensor, list[Tensor]]:
+    """Same inputs into ``ours`` and ``ref``: outputs equal, and the gradient w.r.t. every input
+    that requires grad equal, for a non-contiguous random upstream gradient."""
+    a_args, b_args = _copies(args), _copies(args)
+    out_a, out_b = ours(*a_args), ref(*b_args)
+    assert out_a.dtype == out_b.dtype
+    torch.testing.assert_close(out_a, out_b, equal_nan=True)
+    diff_a = [t for t in a_args if isinstance(t, Tensor) and t.requires_grad]
+    diff_b = [t for t in b_args if isinstance(t, Tensor) and t.requires_grad]
+    assert diff_a, "the case differentiates nothing"
+    g = noncontig_randn(tuple(out_b.shape), out_b.dtype)
+    grads_a = torch.autograd.grad(out_a, diff_a, g)
+    grads_b = torch.autograd.grad(out_b, diff_b, g)
+    for ga, gb, t in zip(grads_a, grads_b, diff_a):
+        assert ga.shape == t.shape
+        torch.testing.assert_close(ga, gb, equal_nan=True)
+    return out_a, list(grads_a)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float64, grad: bool = True) -> Tensor:
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the option matrix
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matrix_gradcheck_gradgradcheck_and_parity(case):
+    ident, custom, reference, inputs = case
+    result = check_function(custom, reference, *inputs, name=ident)  # raises on any failure
+    assert result.failures == []
+    assert result.gradcheck_max_err < 1e-5
+    assert result.gradgradcheck_max_err < 1e-5
+    assert set(result.parity_max_err) == {"torch.float32", "torch.float64"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matrix_forward_mode_and_batched_grad(case):
+    # check_forward_ad: each Function's jvp against finite differences; check_batched_grad:
+    # the backward under vmap (generate_vmap_rule) against a loop.
+    _, custom, _, inputs = case
+    assert torch.autograd.gradcheck(
+        custom, inputs, check_forward_ad=True, check_batched_grad=True, atol=1e-5
+    )
+
+
+def _ce(**kw: Any) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    # The class weight is an argument (not a closure), so the parity check casts it too.
+    return (
+        lambda z, t, w=None: F.cross_entropy(z, t, w, **kw),
+        lambda z, t, w=None: TF.cross_entropy(z, t, w, **kw),
+    )
+
+
+def _extra_cases() -> list[tuple[str, Callable[..., Any], Callable[..., Any], tuple[Any, ...]]]:
+    """Option combinations beyond the shipped matrix, in the same format."""
+    gen = torch.Generator().manual_seed(1)
+
+    def r(*shape: int, grad: bool = True) -> Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_(grad)
+
+    C = 4
+    w = torch.rand(C, dtype=torch.float64, generator=gen) + 0.5
+    kdim_t = torch.tensor([[[0, -100]], [[2, 3]]])  # (2, 1, 2)
+    kdim_p = torch.softmax(r(2, C, 1, 2, grad=False), 1).requires_grad_()
+    cases = []
+    for red in ("mean", "sum", "none"):
+        ours, ref = _ce(reduction=red, label_smoothing=0.15)
+        cases.append(
+            (f"ce-kdim-index-weight-ignore-ls-{red}", ours, ref, (r(2, C, 1, 2), kdim_t, w))
+        )
+        cases.append((f"ce-kdim-prob-weight-ls-{red}", ours, ref, (r(2, C, 1, 2), kdim_p, w)))
+    unb_p = torch.softmax(r(C, grad=False), 0).requires_grad_()
+    cases.append(("ce-unbatched-prob", F.cross_entropy, TF.cross_entropy, (r(C), unb_p)))
+    ours, ref = _ce(ignore_index=1)  # ignore_index that is also a valid class
+    t = torch.tensor([1, 0, 1, 3, 2])
+    cases.append(("ce-ignore_index-is-a-class", ours, ref, (r(5, C), t)))
+    ours, ref = _ce(label_smoothing=1.0)
+    cases.append(("ce-label_smoothing-1", ours, ref, (r(3, C), torch.tensor([0, 1, 2]), w)))
+    cases.append(("ce-batch1", F.cross_entropy, TF.cross_entropy, (r(1, C), torch.tensor([2]))))
+    x_nc = r(4, 3).t()  # (3, 4) transposed
+    w_nc = r(4, 5).t()  # (5, 4) transposed
+    cases.append(("linear-noncontig", F.linear, TF.linear, (x_nc, w_nc, r(5))))
+    cases.append(("linear-x-only", F.linear, TF.linear, (r(3, 4), r(5, 4, grad=False), None)))
+    u = r(2, 3, 4).detach()
+    u = (u + 0.1 * u.sign()).requires_grad_()  # away from the kink
+    cases.append(
+        (
+            "relu-inplace",
+            lambda u: F.relu(u.clone(), inplace=True),
+            lambda u: TF.relu(u.clone(), inplace=True),
+            (u,),
+        )
+    )
+    cases.append(
+        (
+            "l2-three-tensors",
+            lambda a, b, c: F.l2_penalty([a, b, c], 0.7),
+            lambda a, b, c: 0.35 * (a.square().sum() + b.square().sum() + c.square().sum()),
+            (r(3, 2), r(4), r(2, 2, 2)),
+        )
+    )
+    cases.append(
+        (
+            "l2-single-tensor",
+            lambda a: F.l2_penalty(a, 0.5),
+            lambda a: 0.25 * a.square().sum(),
+            (r(3, 2),),
+        )
+    )
+    return cases
+
+
+EXTRA = _extra_cases()
+
+
+@pytest.mark.parametrize("case", EXTRA, ids=[c[0] for c in EXTRA])
+def test_more_options_gradcheck_gradgradcheck_and_parity(case):
+    ident, custom, reference, inputs = case
+    result = check_function(custom, reference, *inputs, name=ident)
+    assert result.failures == []
+    assert result.max_err < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# 2. parity with torch.nn.functional
+# --------------------------------------------------------------------------------------------
+def _linear_case(name: str, dtype: torch.dtype) -> list[Any]:
+    def r(*shape: int, grad: bool = True) -> Tensor:
+        return randn(*shape, dtype=dtype, grad=grad)
+
+    w, b = r(3, 4), r(3)
+    return {
+        "2d": lambda: [r(5, 4), w, b],
+        "1d-input": lambda: [r(4), w, b],
+        "leading-dims": lambda: [r(2, 3, 4), w, b],
+        "batch1": lambda: [r(1, 4), w, b],
+        "no-bias": lambda: [r(5, 4), w, None],
+        "noncontig-input": lambda: [r(4, 5).detach().t().requires_grad_(), w, b],
+        "noncontig-input-leading-dims": lambda: [
+            r(2, 4, 6).detach().transpose(1, 2).requires_grad_(), w, b
+        ],
+        "strided-input": lambda: [r(5, 8).detach()[:, ::2].requires_grad_(), w, b],
+        "noncontig-weight": lambda: [r(5, 4), r(4, 3).detach().t().requires_grad_(), b],
+        "weight-grad-only": lambda: [r(5, 4, grad=False), w, r(3, grad=False)],
+        "input-grad-only": lambda: [r(2, 5, 4), r(3, 4, grad=False), r(3, grad=False)],
+    }[name]()
+
+
+LINEAR_CASES = [
+    "2d",
+    "1d-input",
+    "leading-dims",
+    "batch1",
+    "no-bias",
+    "noncontig-input",
+    "noncontig-input-leading-dims",
+    "strided-input",
+    "noncontig-weight",
+    "weight-grad-only",
+    "input-grad-only",
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", LINEAR_CASES)
+def test_linear_parity(name, dtype):
+    args = _linear_case(name, dtype)
+    if name.startswith(("noncontig", "strided")):
+        assert not all(a.is_contiguous() for a in args if a is not None)
+    out, _ = assert_parity(F.linear, TF.linear, args)
+    assert out.shape == (*args[0].shape[:-1], 3)
+
+
+RELU_SHAPES = {
+    "2d": lambda dt: torch.randn(5, 6, dtype=dt),
+    "1d": lambda dt: torch.randn(7, dtype=dt),
+    "batch1": lambda dt: torch.randn(1, 6, dtype=dt),
+    "leading-dims": lambda dt: torch.randn(2, 3, 4, dtype=dt),
+    "noncontig": lambda dt: torch.randn(6, 5, dtype=dt).t(),
+    # Exact zeros: the gradient at u = 0 is 0, as in PyTorch.
+    "exact-zeros": lambda dt: torch.tensor([[-1.0, 0.0, 2.0], [0.0, 0.0, -0.0]], dtype=dt),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+@pytest.mark.parametrize("shape", list(RELU_SHAPES), ids=list(RELU_SHAPES))
+def test_relu_parity(shape, inplace, dtype):
+    u = RELU_SHAPES[shape](dtype).requires_grad_()
+    # clone() keeps u's strides, so the in-place op also runs on non-contiguous memory.
+    out, (grad,) = assert_parity(
+        lambda u: F.relu(u.clone(), inplace=inplace),
+        lambda u: TF.relu(u.clone(), inplace=inplace),
+        [u],
+    )
+    assert (out >= 0).all()
+    if shape == "exact-zeros":
+        assert (grad[u.detach() == 0] == 0).all()
+
+
+def _ce_case(name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(logits, target, kwargs) for one cross-entropy layout."""
+    N, C = 6, 5
+    w = torch.rand(C, dtype=dtype) + 0.5
+
+    def z(*shape: int) -> Tensor:
+        return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+    def idx(*shape: int) -> Tensor:
+        return torch.randint(0, C, shape)
+
+    def prob(*shape: int, dim: int = 1, grad: bool = False) -> Tensor:
+        return torch.softmax(torch.randn(*shape, dtype=dtype), dim).requires_grad_(grad)
+
+    t_ign = idx(N)
+    t_ign[[1, 4]] = -100
+    t_kdim = idx(2, 3, 4)
+    t_kdim[0, 1, 2] = -100
+    big = torch.tensor([[1e4, -1e4, 0, 1, -1], [-1e4, -1e4, 1e4, 0, 0], [1e4, 1e4, -1e4, 0, 0]],
+                       dtype=dtype).requires_grad_()
+    cases: dict[str, Callable[[], tuple[Tensor, Tensor, dict[str, Any]]]] = {
+        "index-mean": lambda: (z(N, C), idx(N), {}),
+        "index-sum-weight": lambda: (z(N, C), idx(N), {"weight": w, "reduction": "sum"}),
+        "index-none": lambda: (z(N, C), idx(N), {"reduction": "none"}),
+        "index-ignore-weight-ls": lambda: (
+            z(N, C), t_ign, {"weight": w, "label_smoothing": 0.2}
+        ),
+        "index-ignore-none": lambda: (z(N, C), t_ign, {"reduction": "none"}),
+        "index-custom-ignore_index": lambda: (
+            z(N, C), torch.tensor([0, -1, 2, -1, 4, 1]), {"ignore_index": -1}
+        ),
+        "batch1-index": lambda: (z(1, C), idx(1), {"weight": w}),
+        "batch1-prob": lambda: (z(1, C), prob(1, C, grad=True), {}),
+        "unbatched-index": lambda: (z(C), torch.tensor(3), {"label_smoothing": 0.1}),
+        "unbatched-index-none": lambda: (z(C), torch.tensor(3), {"reduction": "none"}),
+        "unbatched-prob": lambda: (z(C), prob(C, dim=0, grad=True), {"weight": w}),
+        "kdim-index-mean": lambda: (z(2, C, 3, 4), t_kdim, {"weight": w}),
+        "kdim-index-none-ls": lambda: (
+            z(2, C, 3, 4), t_kdim, {"reduction": "none", "label_smoothing": 0.1}
+        ),
+        "kdim-index-sum": lambda: (z(2, C, 3, 4), t_kdim, {"reduction": "sum"}),
+        "kdim-prob-mean": lambda: (z(2, C, 3, 4), prob(2, C, 3, 4, grad=True), {}),
+        "kdim-prob-none-weight-ls": lambda: (
+            z(2, C, 3, 4),
+            prob(2, C, 3, 4, grad=True),
+            {"weight": w, "reduction": "none", "label_smoothing": 0.3},
+        ),
+        "noncontig-input": lambda: (z(C, N).detach().t().requires_grad_(), idx(N), {}),
+        "noncontig-kdim-channels-last": lambda: (
+            z(2, 3, 4, C).detach().permute(0, 3, 1, 2).requires_grad_(),
+            t_kdim,
+            {"reduction": "none", "weight": w},
+        ),
+        "noncontig-prob-target": lambda: (
+            z(N, C),
+            prob(C, N, dim=0).detach().t().requires_grad_(),
+            {"label_smoothing": 0.1},
+        ),
+        "noncontig-index-target": lambda: (z(N, C), idx(2 * N)[::2], {"reduction": "none"}),
+        "prob-target-grad-weight-ls-sum": lambda: (
+            z(N, C), prob(N, C, grad=True), {"weight": w, "label_smoothing": 0.2,
+                                             "reduction": "sum"}
+        ),
+        "prob-target-grad-only": lambda: (
+            z(N, C).detach(), prob(N, C, grad=True), {"weight": w}
+        ),
+        "all-ignored-mean": lambda: (z(N, C), torch.full((N,), -100), {}),
+        "all-ignored-mean-weight-ls": lambda: (
+            z(N, C), torch.full((N,), -100), {"weight": w, "label_smoothing": 0.1}
+        ),
+        "all-ignored-sum": lambda: (z(N, C), torch.full((N,), -100), {"reduction": "sum"}),
+        "all-ignored-none": lambda: (z(N, C), torch.full((N,), -100), {"reduction": "none"}),
+        "logits-1e4-index": lambda: (big, torch.tensor([1, 0, 2]), {}),
+        "logits-1e4-index-ls-weight": lambda: (
+            big, torch.tensor([1, 0, 2]), {"label_smoothing": 0.1, "weight": w}
+        ),
+        "logits-1e4-prob": lambda: (big, prob(3, C, grad=True), {"label_smoothing": 0.1}),
+        "uint8-target": lambda: (z(N, C), idx(N).to(torch.uint8), {}),
+    }
+    return cases[name]()
+
+
+CE_CASES = [
+    "index-mean",
+    "index-sum-weight",
+    "index-none",
+    "index-ignore-weight-ls",
+    "index-ignore-none",
+    "index-custom-ignore_index",
+    "batch1-index",
+    "batch1-prob",
+    "unbatched-index",
+    "unbatched-index-none",
+    "unbatched-prob",
+    "kdim-index-mean",
+    "kdim-index-none-ls",
+    "kdim-index-sum",
+    "kdim-prob-mean",
+    "kdim-prob-none-weight-ls",
+    "noncontig-input",
+    "noncontig-kdim-channels-last",
+    "noncontig-prob-target",
+    "noncontig-index-target",
+    "prob-target-grad-weight-ls-sum",
+    "prob-target-grad-only",
+    "all-ignored-mean",
+    "all-ignored-mean-weight-ls",
+    "all-ignored-sum",
+    "all-ignored-none",
+    "logits-1e4-index",
+    "logits-1e4-index-ls-weight",
+    "logits-1e4-prob",
+    "uint8-target",
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", CE_CASES)
+def test_cross_entropy_parity(name, dtype):
+    z, t, kw = _ce_case(name, dtype)
+    out, grads = assert_parity(
+        lambda z, t: F.cross_entropy(z, t, **kw), lambda z, t: TF.cross_entropy(z, t, **kw), [z, t]
+    )
+    if name.startswith("noncontig"):
+        assert not (z.is_contiguous() and t.is_contiguous())
+    if t.is_floating_point() and t.requires_grad:
+        # The gradient w.r.t. the probability target is among those compared.
+        assert grads[-1].shape == t.shape
+    if name.startswith("logits-1e4"):
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(g).all() for g in grads)
+    if name == "all-ignored-mean" or name == "all-ignored-mean-weight-ls":
+        assert torch.isnan(out)  # as native: 0 / 0 for the mean over no target
+        assert (grads[0] == 0).all()  # ... but no NaN leaks into the gradient
+    elif name.startswith("all-ignored"):
+        assert (out == 0).all()
+
+
+def test_cross_entropy_mean_is_weighted_mean_over_kept_targets():
+    # The native normaliser: Σ_i w_{y_i} L_i / Σ_i w_{y_i} over the non-ignored i.
+    z = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor([0, 2, -100, 2])
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    per = F.cross_entropy(z, t, w, reduction="none")
+    kept = t != -100
+    expected = per[kept].sum() / w[t[kept]].sum()
+    torch.testing.assert_close(F.cross_entropy(z, t, w), expected)
+    assert per[2] == 0
+
+
+def test_cross_entropy_backward_is_p_minus_onehot_over_n():
+    # The derivation's formula, written out: dL/dz = (softmax(z) − onehot(y)) / N.
+    z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 1, 1, 2])
+    (grad,) = torch.autograd.grad(F.cross_entropy(z, y), z)
+    expected = (torch.softmax(z.detach(), 1) - TF.one_hot(y, 4).double()) / 5
+    torch.testing.assert_close(grad, expected)
+
+
+def test_l2_penalty_value_and_gradient_are_half_lambda_w_squared_and_lambda_w():
+    a = randn(3, 4)
+    b = randn(2, 3)
+    lam = 0.3
+    out = F.l2_penalty([a, b], lam)
+    torch.testing.assert_close(out, 0.5 * lam * (a.square().sum() + b.square().sum()))
+    g = torch.tensor(2.5, dtype=torch.float64)
+    ga, gb = torch.autograd.grad(out, [a, b], g)
+    torch.testing.assert_close(ga, g * lam * a.detach())
+    torch.testing.assert_close(gb, g * lam * b.detach())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_l2_penalty_float32_matches_formula(dtype):
+    a, b = randn(7, 5, dtype=dtype), randn(5, 3, dtype=dtype)
+    out, grads = assert_parity(
+        lambda a, b: F.l2_penalty([a, b], 1e-2),
+        lambda a, b: 0.5 * 1e-2 * (a.square().sum() + b.square().sum()),
+        [a, b],
+    )
+    assert out.dtype == dtype
+    assert len(grads) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# 3. in-place ReLU
+# --------------------------------------------------------------------------------------------
+def test_relu_inplace_overwrites_input_and_marks_it_dirty():
+    x = torch.randn(4, 5, requires_grad=True)
+    u = x * 1.0  # a non-leaf, so the in-place op is allowed
+    version = u._version
+    out = F.relu(u, inplace=True)
+    assert out.data_ptr() == u.data_ptr()
+    assert u._version > version
+    assert (u >= 0).all()
+    assert u.grad_fn is not None and "ReLUFunction" in type(u.grad_fn).__name__
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, (x.detach() > 0).float())
+
+
+@pytest.mark.parametrize("relu", [F.relu, TF.relu], ids=["torch_mlp", "native"])
+def test_relu_inplace_after_use_raises_version_counter_error(relu):
+    # sin saves its input; overwriting that input in place must make backward refuse.
+    x = torch.randn(5, requires_grad=True)
+    u = x * 2
+    s = u.sin()
+    relu(u, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        s.sum().backward()
+
+
+@pytest.mark.parametrize("relu", [F.relu, TF.relu], ids=["torch_mlp", "native"])
+def test_relu_saved_output_modified_later_raises(relu):
+    # ReLU saves its output for backward; an in-place change of it is caught, like native.
+    x = torch.randn(5, requires_grad=True)
+    h = relu(x * 1.0)
+    h.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.sum().backward()
+
+
+@pytest.mark.parametrize("relu", [F.relu, TF.relu], ids=["torch_mlp", "native"])
+def test_relu_inplace_on_leaf_that_requires_grad_raises(relu):
+    x = torch.randn(5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        relu(x, inplace=True)
+
+
+def test_relu_inplace_without_grad_matches_native():
+    u = torch.randn(3, 4)
+    ref = TF.relu(u.clone(), inplace=True)
+    out = F.relu(u, inplace=True)
+    assert out.data_ptr() == u.data_ptr()
+    torch.testing.assert_close(u, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. torch.func
+# --------------------------------------------------------------------------------------------
+def _loop(fn: Callable[..., Tensor], in_dims: tuple[int | None, ...], *args: Any) -> Tensor:
+    B = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+    return torch.stack(
+        [fn(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(B)]
+    )
+
+
+def test_vmap_linear_over_inputs_and_over_weights():
+    x = torch.randn(3, 5, 4)
+    w, b = torch.randn(6, 4), torch.randn(6)
+    out = vmap(F.linear, in_dims=(0, None, None))(x, w, b)
+    torch.testing.assert_close(out, TF.linear(x, w, b))
+    ws, bs = torch.randn(3, 6, 4), torch.randn(3, 6)
+    out = vmap(F.linear, in_dims=(None, 0, 0))(x[0], ws, bs)
+    torch.testing.assert_close(out, _loop(TF.linear, (None, 0, 0), x[0], ws, bs))
+    out = vmap(F.linear, in_dims=(1, None, None))(x, w, None)  # batch dim not first
+    torch.testing.assert_close(out, TF.linear(x.transpose(0, 1), w))
+
+
+def test_vmap_relu():
+    u = torch.randn(4, 3, 5)
+    torch.testing.assert_close(vmap(F.relu)(u), TF.relu(u))
+    torch.testing.assert_close(vmap(F.relu, in_dims=2)(u), TF.relu(u).movedim(2, 0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target", ["index", "prob"])
+def test_vmap_cross_entropy(target, reduction):
+    B, N, C = 3, 5, 4
+    z = torch.randn(B, N, C)
+    w = torch.rand(C) + 0.5
+    if target == "index":
+        t = torch.randint(0, C, (B, N))
+        t[0, 1] = -100
+    else:
+        t = torch.softmax(torch.randn(B, N, C), -1)
+
+    def ours(z, t):
+        return F.cross_entropy(z, t, w, reduction=reduction, label_smoothing=0.1)
+
+    def ref(z, t):
+        return TF.cross_entropy(z, t, w, reduction=reduction, label_smoothing=0.1)
+
+    torch.testing.assert_close(vmap(ours)(z, t), _loop(ref, (0, 0), z, t))
+
+
+def test_vmap_cross_entropy_out_of_range_target_still_fails():
+    # Under vmap the value check cannot read the targets; the gather still refuses them.
+    z = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        vmap(F.cross_entropy)(z, torch.full((2, 3), 7))
+
+
+def test_vmap_l2_penalty():
+    a, b = torch.randn(3, 4, 5), torch.randn(3, 2)
+    out = vmap(lambda a, b: F.l2_penalty([a, b], 0.3))(a, b)
+    torch.testing.assert_close(out, 0.15 * (a.square().sum((1, 2)) + b.square().sum(1)))
+    out = vmap(lambda a, b: F.l2_penalty([a, b], 0.3), in_dims=(0, None))(a, b[0])
+    torch.testing.assert_close(out, 0.15 * (a.square().sum((1, 2)) + b[0].square().sum()))
+
+
+def test_vmap_of_grad_gives_per_sample_gradients():
+    # vmap(grad(...)) runs the hand-written backward under vmap: per-sample gradients.
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    w, b = torch.randn(3, 4), torch.randn(3)
+
+    def loss(w, b, x, y, ce, lin, relu):
+        return ce(lin(relu(x.unsqueeze(0)), w, b), y.unsqueeze(0))
+
+    ours = vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, None, None, None))
+    gw, gb = ours(w, b, x, y, F.cross_entropy, F.linear, F.relu)
+    ref = torch.func.grad(loss, argnums=(0, 1))
+    for i in range(6):
+        rw, rb = ref(w, b, x[i], y[i], TF.cross_entropy, TF.linear, TF.relu)
+        torch.testing.assert_close(gw[i], rw)
+        torch.testing.assert_close(gb[i], rb)
+
+
+JVP_FUNCS = {
+    "linear": (F.linear, TF.linear, lambda: (torch.randn(2, 3, 4), torch.randn(5, 4),
+                                             torch.randn(5))),
+    "relu": (F.relu, TF.relu, lambda: (torch.randn(3, 4),)),
+    "cross_entropy-prob": (
+        lambda z, t: F.cross_entropy(z, t, label_smoothing=0.1),
+        lambda z, t: TF.cross_entropy(z, t, label_smoothing=0.1),
+        lambda: (torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)),
+    ),
+    "l2_penalty": (
+        lambda a, b: F.l2_penalty([a, b], 0.2),
+        lambda a, b: 0.1 * (a.square().sum() + b.square().sum()),
+        lambda: (torch.randn(3, 4), torch.randn(4)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(JVP_FUNCS), ids=list(JVP_FUNCS))
+def test_torch_func_jvp_matches_native(name):
+    ours, ref, make = JVP_FUNCS[name]
+    primals = make()
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    out, tan = jvp(ours, primals, tangents)
+    ref_out, ref_tan = jvp(ref, primals, tangents)
+    torch.testing.assert_close(out, ref_out)
+    assert tan.dtype == out.dtype
+    # check_dtype=False: native forward AD of the l2 formula (python-float times a float32
+    # tensor) returns a float64 tangent; the values are what is compared.
+    torch.testing.assert_close(tan, ref_tan, check_dtype=False)
+
+
+def test_torch_func_jvp_cross_entropy_index_target():
+    z, t = torch.randn(5, 3), torch.tensor([0, 2, -100, 1, 1])
+    tz = torch.randn_like(z)
+    out, tan = jvp(lambda z: F.cross_entropy(z, t, reduction="none"), (z,), (tz,))
+    ref_out, ref_tan = jvp(lambda z: TF.cross_entropy(z, t, reduction="none"), (z,), (tz,))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(tan, ref_tan)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. bad input
+# --------------------------------------------------------------------------------------------
+def _z() -> Tensor:
+    return torch.randn(3, 4)
+
+
+BAD_INPUT = [
+    # (id, call, exception, message pattern)
+    ("ce-batch-size-mismatch", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2, 3, 0])),
+     ValueError, r"Expected input batch_size \(3\) to match target batch_size \(5\)"),
+    ("ce-target-too-large", lambda: F.cross_entropy(_z(), torch.tensor([0, 4, 1])),
+     IndexError, r"target 4 is out of bounds.*\[0, 4\).*ignore_index \(-100\)"),
+    ("ce-target-negative", lambda: F.cross_entropy(_z(), torch.tensor([0, -1, 1])),
+     IndexError, r"target -1 is out of bounds.*\[0, 4\)"),
+    ("ce-target-negative-not-ignore_index",
+     lambda: F.cross_entropy(_z(), torch.tensor([0, -100, 1]), ignore_index=-1),
+     IndexError, r"target -100 is out of bounds.*ignore_index \(-1\)"),
+    ("ce-kdim-target-out-of-range",
+     lambda: F.cross_entropy(torch.randn(2, 4, 3), torch.tensor([[0, 1, 2], [3, 9, 0]])),
+     IndexError, r"target 9 is out of bounds"),
+    ("ce-prob-target-wrong-shape", lambda: F.cross_entropy(_z(), torch.rand(3, 5)),
+     ValueError, r"class-probability target must have the input's shape \(3, 4\), got \(3, 5\)"),
+    ("ce-prob-target-flat", lambda: F.cross_entropy(_z(), torch.rand(3)),
+     ValueError, r"class-probability target must have the input's shape \(3, 4\), got \(3,\)"),
+    ("ce-target-int32", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2], dtype=torch.int32)),
+     TypeError, r"target of dtype torch.int64.*got torch.int32"),
+    ("ce-kdim-target-wrong-shape",
+     lambda: F.cross_entropy(torch.randn(2, 4, 3), torch.tensor([0, 1])),
+     ValueError, r"expected target of shape \(2, 3\) for input of shape \(2, 4, 3\), got \(2,\)"),
+    ("ce-invalid-reduction", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
+                                                     reduction="elementwise_mean"),
+     ValueError, r"elementwise_mean is not a valid value for reduction"),
+    ("ce-label_smoothing-negative", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
+                                                            label_smoothing=-0.1),
+     ValueError, r"label_smoothing must be between 0.0 and 1.0. Got: -0.1"),
+    ("ce-label_smoothing-above-one", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
+                                                             label_smoothing=1.5),
+     ValueError, r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
+    ("ce-weight-wrong-shape", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
+                                                      weight=torch.ones(3)),
+     ValueError, r"expected weight of shape \(4,\) \(one per class\), got \(3,\)"),
+    ("ce-weight-dtype-mismatch", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
+                                                         weight=torch.ones(4, dtype=torch.float64)),
+     RuntimeError, r"input and weight to have the same dtype.*torch.float32.*torch.float64"),
+    ("ce-prob-target-dtype-mismatch",
+     lambda: F.cross_entropy(_z(), torch.rand(3, 4, dtype=torch.float64)),
+     RuntimeError, r"input and target to have the same dtype"),
+    ("ce-target-on-other-device",
+     lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2], device="meta")),
+     RuntimeError, r"expected target on cpu like input, got meta"),
+    ("ce-weight-on-other-device", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
+                                                          weight=torch.ones(4, device="meta")),
+     RuntimeError, r"same device, but input is on cpu and weight is on meta"),
+    ("ce-integer-logits", lambda: F.cross_entropy(torch.ones(3, 4, dtype=torch.int64),
+                                                  torch.tensor([0, 1, 2])),
+     TypeError, r"expected floating-point input \(logits\), got torch.int64"),
+    ("linear-wrong-feature-dim", lambda: F.linear(torch.randn(5, 3), torch.randn(4, 6)),
+     ValueError, r"input's last dimension \(3\) does not match weight's in_features \(6\): "
+     r"input shape \(5, 3\), weight shape \(4, 6\)"),
+    ("linear-dtype-mismatch",
+     lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3, dtype=torch.float64)),
+     RuntimeError, r"input and weight to have the same dtype.*torch.float32.*torch.float64"),
+    ("linear-bias-dtype-mismatch", lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3),
+                                                    torch.randn(4, dtype=torch.float64)),
+     RuntimeError, r"input and bias to have the same dtype"),
+    ("linear-weight-on-other-device",
+     lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3, device="meta")),
+     RuntimeError, r"same device, but input is on cpu and weight is on meta"),
+    ("linear-bias-wrong-shape", lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3),
+                                                 torch.randn(3)),
+     ValueError, r"expected bias of shape \(4,\).*got \(3,\)"),
+    ("linear-weight-not-2d", lambda: F.linear(torch.randn(5, 3), torch.randn(3)),
+     ValueError, r"expected weight to be 2-D.*got shape \(3,\)"),
+    ("l2-negative-lam", lambda: F.l2_penalty([torch.randn(2, 2)], -0.1),
+     ValueError, r"lam must be non-negative, got -0.1"),
+    ("l2-nan-lam", lambda: F.l2_penalty([torch.randn(2, 2)], float("nan")),
+     ValueError, r"lam must be non-negative, got nan"),
+    ("l2-no-weights", lambda: F.l2_penalty([], 0.1),
+     ValueError, r"expected at least one weight tensor"),
+    ("l2-integer-weight", lambda: F.l2_penalty([torch.ones(2, dtype=torch.int64)], 0.1),
+     TypeError, r"weights\[0\] must be a floating-point tensor"),
+    ("l2-dtype-mismatch",
+     lambda: F.l2_penalty([torch.randn(2), torch.randn(2, dtype=torch.float64)], 0.1),
+     RuntimeError, r"weights\[0\] and weights\[1\] to have the same dtype"),
+    ("l2-device-mismatch", lambda: F.l2_penalty([torch.randn(2), torch.randn(2, device="meta")],
+                                                0.1),
+     RuntimeError, r"weights\[0\] is on cpu and weights\[1\] is on meta"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [case[1:] for case in BAD_INPUT],
+    ids=[case[0] for case in BAD_INPUT],
+)
+def test_bad_input_raises_clear_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_ignore_index_targets_outside_range_are_accepted():
+    # The range check exempts ignore_index, wherever it lies.
+    z = torch.randn(3, 4)
+    t = torch.tensor([0, 7, 3])
+    torch.testing.assert_close(
+        F.cross_entropy(z, t, ignore_index=7), TF.cross_entropy(z, t, ignore_index=7)
+    )

@@ -1,0 +1,562 @@
+"""torch_mlp's modules against torch.nn's: constructors, initialisation, repr, state_dicts,
+forward/backward parity, the MLP (with its L2 term) against a native nn.Sequential, convert(),
+torch.func over the MLP, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import torch_mlp
+from torch_mlp import functional as F
+
+TWINS = [
+    (torch_mlp.Linear, nn.Linear),
+    (torch_mlp.ReLU, nn.ReLU),
+    (torch_mlp.CrossEntropyLoss, nn.CrossEntropyLoss),
+]
+TWIN_IDS = ["Linear", "ReLU", "CrossEntropyLoss"]
+
+
+def _native_mlp(sizes: list[int], bias: bool = True, **factory) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(d_in, d_out, bias=bias, **factory))
+        if k < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------------------------
+# drop-in twins
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("ours", "native"), TWINS, ids=TWIN_IDS)
+def test_constructor_signature_matches_torch_nn(ours, native):
+    # Names, order, kinds and defaults (annotations are strings here, so not compared).
+    def params(cls):
+        return [
+            (p.name, p.kind, p.default) for p in inspect.signature(cls.__init__).parameters.values()
+        ]
+
+    assert params(ours) == params(native)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64], ids=["default-dtype", "float64"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_linear_init_matches_torch_nn_under_same_seed(bias, dtype):
+    torch.manual_seed(123)
+    ours = torch_mlp.Linear(7, 5, bias=bias, dtype=dtype)
+    torch.manual_seed(123)
+    native = nn.Linear(7, 5, bias=bias, dtype=dtype)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in native.named_parameters()]
+    for (_, a), (_, b) in zip(ours.named_parameters(), native.named_parameters()):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # ... and the init is not trivially equal: kaiming-uniform bound 1/sqrt(in_features).
+    assert 0 < ours.weight.abs().max() <= 1 / 7**0.5
+
+
+def test_linear_reset_parameters_matches_torch_nn():
+    ours, native = torch_mlp.Linear(4, 3), nn.Linear(4, 3)
+    torch.manual_seed(7)
+    ours.reset_parameters()
+    torch.manual_seed(7)
+    native.reset_parameters()
+    torch.testing.assert_close(ours.weight, native.weight, rtol=0, atol=0)
+    torch.testing.assert_close(ours.bias, native.bias, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hidden", [[], [16], [16, 8]], ids=["0-hidden", "1-hidden", "2-hidden"])
+def test_mlp_init_matches_native_sequential_under_same_seed(hidden):
+    torch.manual_seed(5)
+    ours = torch_mlp.MLP(12, hidden, 3)
+    torch.manual_seed(5)
+    native = _native_mlp([12, *hidden, 3])
+    sd_a, sd_b = ours.state_dict(), native.state_dict()
+    assert list(sd_a) == list(sd_b)
+    for k in sd_a:
+        torch.testing.assert_close(sd_a[k], sd_b[k], rtol=0, atol=0)
+
+
+REPR_PAIRS = {
+    "Linear": lambda m: m.Linear(3, 4),
+    "Linear-nobias": lambda m: m.Linear(3, 4, bias=False),
+    "ReLU": lambda m: m.ReLU(),
+    "ReLU-inplace": lambda m: m.ReLU(inplace=True),
+    "CrossEntropyLoss": lambda m: m.CrossEntropyLoss(),
+    "CrossEntropyLoss-options": lambda m: m.CrossEntropyLoss(
+        weight=torch.ones(3), ignore_index=1, reduction="sum", label_smoothing=0.1
+    ),
+}
+
+
+@pytest.mark.parametrize("make", list(REPR_PAIRS.values()), ids=list(REPR_PAIRS))
+def test_repr_and_extra_repr_match_torch_nn(make):
+    ours, native = make(torch_mlp), make(nn)
+    assert ours.extra_repr() == native.extra_repr()
+    assert repr(ours) == repr(native)
+
+
+def test_mlp_repr_lists_torch_mlp_layers():
+    r = repr(torch_mlp.MLP(4, [3], 2))
+    assert "(0): Linear(in_features=4, out_features=3, bias=True)" in r
+    assert "(1): ReLU()" in r
+    assert "(2): Linear(in_features=3, out_features=2, bias=True)" in r
+
+
+STATE_PAIRS = {
+    "Linear": (lambda: torch_mlp.Linear(5, 3), lambda: nn.Linear(5, 3)),
+    "Linear-nobias": (lambda: torch_mlp.Linear(5, 3, bias=False),
+                      lambda: nn.Linear(5, 3, bias=False)),
+    "CrossEntropyLoss-weight": (
+        lambda: torch_mlp.CrossEntropyLoss(weight=torch.rand(4)),
+        lambda: nn.CrossEntropyLoss(weight=torch.rand(4)),
+    ),
+    "MLP-vs-Sequential": (lambda: torch_mlp.MLP(6, [5, 4], 3),
+                          lambda: _native_mlp([6, 5, 4, 3])),
+}
+
+
+@pytest.mark.parametrize("direction", ["ours-to-native", "native-to-ours"])
+@pytest.mark.parametrize("pair", list(STATE_PAIRS.values()), ids=list(STATE_PAIRS))
+def test_state_dict_loads_both_ways(pair, direction):
+    ours, native = pair[0](), pair[1]()
+    src, dst = (ours, native) if direction == "ours-to-native" else (native, ours)
+    assert list(src.state_dict()) == list(dst.state_dict())
+    for k, v in src.state_dict().items():
+        assert v.shape == dst.state_dict()[k].shape
+    result = dst.load_state_dict(src.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(dst.state_dict()[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: torch_mlp.Linear(3, 2, **kw),
+        lambda **kw: torch_mlp.Linear(3, 2, bias=False, **kw),
+        lambda **kw: torch_mlp.MLP(3, [4], 2, **kw),
+    ],
+    ids=["Linear", "Linear-nobias", "MLP"],
+)
+def test_factory_kwargs_device_and_dtype(make):
+    m = make(dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    m = make(device="meta")
+    assert all(p.is_meta for p in m.parameters())
+    m = make(device=torch.device("cpu"), dtype=torch.float16)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float16 for p in m.parameters())
+
+
+def test_cross_entropy_weight_is_a_buffer_like_torch_nn():
+    w = torch.rand(4)
+    ours, native = torch_mlp.CrossEntropyLoss(weight=w), nn.CrossEntropyLoss(weight=w)
+    assert dict(ours.named_buffers()).keys() == dict(native.named_buffers()).keys() == {"weight"}
+    assert ours.weight is w
+    assert list(ours.parameters()) == []
+    ours64 = ours.to(torch.float64)
+    assert ours64.weight.dtype == torch.float64  # buffers follow .to() like native
+    assert "weight" not in torch_mlp.CrossEntropyLoss().state_dict()
+    assert torch_mlp.CrossEntropyLoss().state_dict().keys() == nn.CrossEntropyLoss().state_dict(
+    ).keys()
+
+
+@pytest.mark.parametrize(
+    ("size_average", "reduce"),
+    [(False, None), (True, None), (None, False), (True, True), (False, True)],
+    ids=["size_average=False", "size_average=True", "reduce=False", "both-True", "sa-F-reduce-T"],
+)
+def test_cross_entropy_legacy_size_average_and_reduce(size_average, reduce):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ours = torch_mlp.CrossEntropyLoss(size_average=size_average, reduce=reduce)
+        native = nn.CrossEntropyLoss(size_average=size_average, reduce=reduce)
+    assert ours.reduction == native.reduction
+    # Both warn that the legacy arguments are deprecated.
+    assert sum("size_average and reduce args will be deprecated" in str(w.message)
+               for w in rec) == 2
+    z, t = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    torch.testing.assert_close(ours(z, t), native(z, t))
+
+
+def test_module_defaults_match_torch_nn():
+    ours, native = torch_mlp.CrossEntropyLoss(), nn.CrossEntropyLoss()
+    for attr in ("ignore_index", "reduction", "label_smoothing", "weight"):
+        assert getattr(ours, attr) == getattr(native, attr)
+    assert torch_mlp.ReLU().inplace is nn.ReLU().inplace is False
+
+
+# --------------------------------------------------------------------------------------------
+# module forward/backward parity
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_linear_and_relu_modules_match_native(dtype):
+    ours = torch_mlp.Linear(6, 4, dtype=dtype)
+    native = nn.Linear(6, 4, dtype=dtype)
+    native.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 6, dtype=dtype)
+    a = torch_mlp.ReLU()(ours(x))
+    b = nn.ReLU()(native(x))
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(b)
+    a.backward(g)
+    b.backward(g)
+    torch.testing.assert_close(ours.weight.grad, native.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, native.bias.grad)
+
+
+CE_MODULE_KW = {
+    "default": {},
+    "weight-ignore-ls": {"weight": torch.tensor([0.5, 1.0, 2.0, 1.5]), "ignore_index": 1,
+                         "label_smoothing": 0.2},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+}
+
+
+@pytest.mark.parametrize("kw", list(CE_MODULE_KW.values()), ids=list(CE_MODULE_KW))
+def test_cross_entropy_module_matches_native(kw):
+    ours, native = torch_mlp.CrossEntropyLoss(**kw), nn.CrossEntropyLoss(**kw)
+    z = torch.randn(6, 4, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3, 1, 0])
+    a, b = ours(z, t), native(z, t)
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(b)
+    torch.testing.assert_close(torch.autograd.grad(a, z, g)[0], torch.autograd.grad(b, z, g)[0])
+
+
+# --------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("hidden", "kinds"),
+    [
+        ([], ["Linear"]),
+        ([8], ["Linear", "ReLU", "Linear"]),
+        (8, ["Linear", "ReLU", "Linear"]),
+        ((8, 6), ["Linear", "ReLU", "Linear", "ReLU", "Linear"]),
+    ],
+    ids=["0-hidden", "1-hidden", "1-hidden-int", "2-hidden"],
+)
+def test_mlp_structure_and_forward_parity(hidden, kinds):
+    model = torch_mlp.MLP(5, hidden, 3)
+    assert [type(m).__name__ for m in model] == kinds
+    assert all(type(m) in (torch_mlp.Linear, torch_mlp.ReLU) for m in model)
+    assert isinstance(model, nn.Sequential)
+    sizes = [5, *([hidden] if isinstance(hidden, int) else hidden), 3]
+    assert model.sizes == tuple(sizes)
+    native = _native_mlp(sizes)
+    native.load_state_dict(model.state_dict())
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(model(x), native(x))
+
+
+def test_mlp_bias_false():
+    model = torch_mlp.MLP(5, [4], 3, bias=False)
+    assert all(m.bias is None for m in model.linears())
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "2.weight"]
+
+
+@pytest.mark.parametrize("hidden", [[], [4], [4, 3]], ids=["0-hidden", "1-hidden", "2-hidden"])
+def test_mlp_l2_penalty_covers_weights_not_biases(hidden):
+    model = torch_mlp.MLP(5, hidden, 2, dtype=torch.float64)
+    lam = 0.3
+    pen = model.l2_penalty(lam)
+    weights = [m.weight for m in model.linears()]
+    assert len(weights) == len(hidden) + 1
+    torch.testing.assert_close(pen, 0.5 * lam * sum(w.square().sum() for w in weights))
+    pen.backward()
+    for m in model.linears():
+        torch.testing.assert_close(m.weight.grad, lam * m.weight.detach())  # λW, as derived
+        assert m.bias.grad is None  # biases are not penalised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_full_mlp_loss_and_gradients_match_native_sequential(dtype):
+    # The derivation's network end to end: Linear → ReLU → Linear → softmax-CE + ½λΣW².
+    D, H, K, N, lam = 784, 32, 10, 16, 1e-2
+    ours = torch_mlp.MLP(D, [H], K, dtype=dtype)
+    native = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, K)).to(dtype)
+    native.load_state_dict(ours.state_dict())
+    x = torch.rand(N, D, dtype=dtype)
+    y = torch.randint(0, K, (N,))
+
+    loss_a = torch_mlp.CrossEntropyLoss()(ours(x), y) + ours.l2_penalty(lam)
+    loss_b = nn.CrossEntropyLoss()(native(x), y) + 0.5 * lam * sum(
+        m.weight.square().sum() for m in native if isinstance(m, nn.Linear)
+    )
+    torch.testing.assert_close(loss_a, loss_b)
+    loss_a.backward()
+    loss_b.backward()
+    grads_a = {k: p.grad for k, p in ours.named_parameters()}
+    grads_b = {k: p.grad for k, p in native.named_parameters()}
+    assert list(grads_a) == ["0.weight", "0.bias", "2.weight", "2.bias"] == list(grads_b)
+    for k in grads_a:
+        torch.testing.assert_close(grads_a[k], grads_b[k], msg=k)
+
+
+def test_full_mlp_sgd_steps_track_native():
+    ours = torch_mlp.MLP(20, [16], 5)
+    native = _native_mlp([20, 16, 5])
+    native.load_state_dict(ours.state_dict())
+    opt_a = torch.optim.SGD(ours.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(native.parameters(), lr=0.1)
+    x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
+    for _ in range(5):
+        for model, opt, ce, pen in (
+            (ours, opt_a, F.cross_entropy, lambda: ours.l2_penalty(1e-3)),
+            (native, opt_b, TF.cross_entropy,
+             lambda: 0.5e-3 * (native[0].weight.square().sum() + native[2].weight.square().sum())),
+        ):
+            opt.zero_grad()
+            (ce(model(x), y) + pen()).backward()
+            opt.step()
+    for (k, a), (_, b) in zip(ours.state_dict().items(), native.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_torch_func_grad_of_mlp_loss_matches_native():
+    model = torch_mlp.MLP(10, [8], 4, dtype=torch.float64)
+    native = _native_mlp([10, 8, 4], dtype=torch.float64)
+    native.load_state_dict(model.state_dict())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(6, 10, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    lam = 0.1
+
+    def loss_ours(p):
+        pen = F.l2_penalty([p["0.weight"], p["2.weight"]], lam)
+        return F.cross_entropy(functional_call(model, p, (x,)), y) + pen
+
+    def loss_native(p):
+        pen = 0.5 * lam * (p["0.weight"].square().sum() + p["2.weight"].square().sum())
+        return TF.cross_entropy(functional_call(native, p, (x,)), y) + pen
+
+    ga, gb = grad(loss_ours)(params), grad(loss_native)(params)
+    assert ga.keys() == gb.keys() == params.keys()
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], msg=k)
+
+
+def test_torch_func_per_sample_grads_of_mlp_match_native_loop():
+    model = torch_mlp.MLP(6, [5], 3)
+    native = _native_mlp([6, 5, 3])
+    native.load_state_dict(model.state_dict())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+
+    def loss(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(4):
+        native.zero_grad()
+        TF.cross_entropy(native(x[i : i + 1]), y[i : i + 1]).backward()
+        for k, p in native.named_parameters():
+            torch.testing.assert_close(per_sample[k][i], p.grad, msg=k)
+
+
+# --------------------------------------------------------------------------------------------
+# convert()
+# --------------------------------------------------------------------------------------------
+class _SubLinear(nn.Linear):
+    """A subclass of nn.Linear: convert() must leave it alone (its behaviour may differ)."""
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.ReLU()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.act(self.fc(x)))
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Tanh())
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.head = nn.Linear(8, 4, bias=False)
+        self.extra = _SubLinear(4, 4)
+        self.loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.0]),
+                                        label_smoothing=0.1)
+
+    def forward(self, x, y):
+        h = self.stem(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.loss(self.extra(self.head(h)), y)
+
+
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def test_convert_swaps_nested_modules_and_keeps_outputs_and_gradients():
+    model = _Net()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    params_before = dict(model.named_parameters())
+    untouched = {"stem.2": model.stem[2], "blocks.0.norm": model.blocks[0].norm,
+                 "extra": model.extra}
+
+    out = torch_mlp.convert(model)
+    assert out is model
+    assert type(model.stem[0]) is torch_mlp.Linear
+    assert type(model.stem[1]) is torch_mlp.ReLU
+    assert all(type(b.fc) is torch_mlp.Linear and type(b.act) is torch_mlp.ReLU
+               for b in model.blocks)
+    assert type(model.head) is torch_mlp.Linear and model.head.bias is None
+    assert type(model.loss) is torch_mlp.CrossEntropyLoss
+    assert model.loss.label_smoothing == 0.1
+    # Everything else is untouched, the nn.Linear subclass included.
+    for name, module in untouched.items():
+        assert model.get_submodule(name) is module
+    assert type(model.extra) is _SubLinear
+    assert isinstance(model.blocks, nn.ModuleList)
+    # The very same parameter objects, under the same names.
+    params_after = dict(model.named_parameters())
+    assert params_after.keys() == params_before.keys()
+    assert all(params_after[k] is params_before[k] for k in params_before)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+
+    loss, ref_loss = model(x, y), reference(x, y)
+    torch.testing.assert_close(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    ga, gb = _grads(model), _grads(reference)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], msg=k)
+
+
+def test_convert_keeps_an_existing_optimizer_working():
+    model = _Net()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # built before the swap
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    torch_mlp.convert(model)
+    head_before = model.head.weight.detach().clone()
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    for m, o in ((model, opt), (reference, ref_opt)):
+        o.zero_grad()
+        m(x, y).backward()
+        o.step()
+    assert not torch.equal(model.head.weight, head_before)  # the old optimizer moved them
+    for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_convert_to_native_goes_back():
+    model = _Net()
+    params = dict(model.named_parameters())
+    torch_mlp.convert(model)
+    torch_mlp.convert(model, to_native=True)
+    assert type(model.stem[0]) is nn.Linear and type(model.stem[1]) is nn.ReLU
+    assert all(type(b.fc) is nn.Linear for b in model.blocks)
+    assert type(model.loss) is nn.CrossEntropyLoss
+    assert model.loss.label_smoothing == 0.1
+    assert torch.equal(model.loss.weight, torch.tensor([1.0, 2.0, 0.5, 1.0]))
+    assert all(dict(model.named_parameters())[k] is p for k, p in params.items())
+
+
+def test_convert_mlp_to_native_and_back_matches():
+    model = torch_mlp.MLP(6, [5], 3)
+    x = torch.randn(4, 6)
+    expected = model(x)
+    torch_mlp.convert(model, to_native=True)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("make", "twin"),
+    [
+        (lambda: nn.Linear(3, 2), torch_mlp.Linear),
+        (lambda: nn.ReLU(inplace=True), torch_mlp.ReLU),
+        (lambda: nn.CrossEntropyLoss(reduction="sum", ignore_index=2), torch_mlp.CrossEntropyLoss),
+    ],
+    ids=["Linear", "ReLU-inplace", "CrossEntropyLoss"],
+)
+def test_convert_a_bare_module_returns_its_twin(make, twin):
+    native = make()
+    ours = torch_mlp.convert(native)
+    assert type(ours) is twin
+    assert ours.extra_repr() == native.extra_repr()
+    for (k, a), (_, b) in zip(ours.named_parameters(), native.named_parameters()):
+        assert a is b, k
+
+
+def test_convert_keeps_device_dtype_and_training_mode():
+    model = nn.Sequential(nn.Linear(3, 4, dtype=torch.float64), nn.ReLU()).eval()
+    torch_mlp.convert(model)
+    assert model[0].weight.dtype == torch.float64
+    assert not model[0].training and not model[1].training
+
+
+def test_convert_leaves_unrelated_model_alone():
+    model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Tanh())
+    children = list(model)
+    assert torch_mlp.convert(model) is model
+    assert list(model) == children
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+BAD_MODULE_INPUT = [
+    ("mlp-hidden-0", lambda: torch_mlp.MLP(4, [0], 2),
+     ValueError, r"MLP: hidden_features must be positive integers, got 0"),
+    ("mlp-hidden-int-0", lambda: torch_mlp.MLP(4, 0, 2),
+     ValueError, r"hidden_features must be positive integers, got 0"),
+    ("mlp-second-hidden-negative", lambda: torch_mlp.MLP(4, [3, -2], 2),
+     ValueError, r"hidden_features must be positive integers, got -2"),
+    ("mlp-in_features-0", lambda: torch_mlp.MLP(0, [3], 2),
+     ValueError, r"in_features must be positive integers, got 0"),
+    ("mlp-out_features-float", lambda: torch_mlp.MLP(4, [3], 2.0),
+     ValueError, r"out_features must be positive integers, got 2.0"),
+    ("ce-module-label_smoothing-above-one", lambda: torch_mlp.CrossEntropyLoss(label_smoothing=1.1),
+     ValueError, r"label_smoothing must be between 0.0 and 1.0. Got: 1.1"),
+    ("ce-module-label_smoothing-negative",
+     lambda: torch_mlp.CrossEntropyLoss(label_smoothing=-0.5),
+     ValueError, r"label_smoothing must be between 0.0 and 1.0. Got: -0.5"),
+    ("ce-module-invalid-reduction", lambda: torch_mlp.CrossEntropyLoss(reduction="avg"),
+     ValueError, r"avg is not a valid value for reduction"),
+    ("ce-module-weight-wrong-shape",
+     lambda: torch_mlp.CrossEntropyLoss(weight=torch.ones(5))(torch.randn(3, 4),
+                                                              torch.tensor([0, 1, 2])),
+     ValueError, r"expected weight of shape \(4,\) \(one per class\), got \(5,\)"),
+    ("ce-module-batch-mismatch",
+     lambda: torch_mlp.CrossEntropyLoss()(torch.randn(3, 4), torch.tensor([0, 1])),
+     ValueError, r"Expected input batch_size \(3\) to match target batch_size \(2\)"),
+    ("linear-module-wrong-feature-dim", lambda: torch_mlp.Linear(5, 2)(torch.randn(3, 4)),
+     ValueError, r"input's last dimension \(4\) does not match weight's in_features \(5\)"),
+    ("linear-module-dtype-mismatch",
+     lambda: torch_mlp.Linear(4, 2, dtype=torch.float64)(torch.randn(3, 4)),
+     RuntimeError, r"same dtype.*input: torch.float32 and weight: torch.float64"),
+    ("linear-module-device-mismatch", lambda: torch_mlp.Linear(4, 2, device="meta")(
+        torch.randn(3, 4)),
+     RuntimeError, r"input is on cpu and weight is on meta"),
+    ("mlp-l2-negative-lam", lambda: torch_mlp.MLP(4, [3], 2).l2_penalty(-1.0),
+     ValueError, r"lam must be non-negative, got -1.0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [case[1:] for case in BAD_MODULE_INPUT],
+    ids=[case[0] for case in BAD_MODULE_INPUT],
+)
+def test_bad_module_input_raises_clear_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()

@@ -1,0 +1,269 @@
+"""torch_mlp.testing can fail: deliberately wrong Functions are caught by check_function, with a
+message naming the failed check and the size of the error; ``python -m torch_mlp.testing``
+exits 0 on the shipped matrix and its ``main()`` returns 1 when a case is broken."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.autograd import Function
+
+import torch_mlp.testing as testing
+from torch_mlp import functional as F
+from torch_mlp.testing import CheckResult, GradientCheckError, check_function
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# deliberately wrong Functions
+# --------------------------------------------------------------------------------------------
+class ReLUGradAtNegative(Function):
+    """ReLU whose backward forgets the mask: it passes g through at u < 0 as well."""
+
+    @staticmethod
+    def forward(u):
+        return u.clamp_min(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clone()
+
+
+class CrossEntropyWithoutMean(Function):
+    """Mean softmax-CE whose backward drops the 1/N: (p − onehot(y)) · g instead of ... / N."""
+
+    @staticmethod
+    def forward(z, y):
+        logp = z - z.logsumexp(-1, keepdim=True)
+        return -logp.gather(1, y.unsqueeze(1)).mean()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, y = ctx.saved_tensors
+        dz = torch.softmax(z, -1) - TF.one_hot(y, z.shape[-1]).to(z.dtype)
+        return g * dz, None  # missing / N
+
+
+class CrossEntropyDetachedBackward(Function):
+    """Mean softmax-CE with the right first derivative, computed from a detached softmax: the
+    backward is not differentiable in z, so double backward is wrong."""
+
+    @staticmethod
+    def forward(z, y):
+        logp = z - z.logsumexp(-1, keepdim=True)
+        return -logp.gather(1, y.unsqueeze(1)).mean()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, y = ctx.saved_tensors
+        p = torch.softmax(z.detach(), -1)  # cuts double backward
+        return g * (p - TF.one_hot(y, z.shape[-1]).to(z.dtype)) / z.shape[0], None
+
+
+class LinearTransposedGradWeight(Function):
+    """x · weightᵀ whose grad_weight is xᵀ · g, the transpose of the right gᵀ · x (same shape
+    for a square weight, so only the values betray it)."""
+
+    @staticmethod
+    def forward(x, weight):
+        return x @ weight.t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        return g @ weight, x.t() @ g  # should be g.t() @ x
+
+
+class LinearWrongLayout(Function):
+    """x · weight (the derivation's W taken as nn.Linear's weight, not its transpose), with a
+    backward that is right for that formula: gradcheck passes, parity with F.linear does not."""
+
+    @staticmethod
+    def forward(x, weight):
+        return x @ weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        return g @ weight.t(), x.t() @ g
+
+
+def _x(*shape):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+def _u():
+    u = torch.randn(3, 4, dtype=torch.float64)
+    return (u + 0.1 * u.sign()).requires_grad_()  # away from the kink
+
+
+def _y():
+    return torch.tensor([0, 2, 1, 1, 3])
+
+
+BROKEN = {
+    # id: (custom, reference, inputs, the check that must fail)
+    "relu-grad-at-negative": (ReLUGradAtNegative.apply, TF.relu, lambda: (_u(),), "gradcheck"),
+    "ce-missing-1/N": (CrossEntropyWithoutMean.apply, TF.cross_entropy,
+                       lambda: (_x(5, 4), _y()), "gradcheck"),
+    "linear-transposed-grad_weight": (LinearTransposedGradWeight.apply, TF.linear,
+                                      lambda: (_x(2, 3), _x(3, 3)), "gradcheck"),
+    "ce-detached-backward": (CrossEntropyDetachedBackward.apply, TF.cross_entropy,
+                             lambda: (_x(5, 4), _y()), "gradgradcheck"),
+    "linear-wrong-layout": (LinearWrongLayout.apply, TF.linear,
+                            lambda: (_x(2, 3), _x(3, 3)), "parity"),
+}
+FAILED_CHECK_MESSAGE = {
+    "gradcheck": r"gradcheck failed: max \|analytical − numerical\| = [0-9.e+-]+ \(atol 1e-05\)",
+    "gradgradcheck": r"gradgradcheck failed: max \|analytical − numerical\| = [0-9.e+-]+",
+    "parity": r"parity with the reference failed in torch.float32 on output\[0\]: "
+    r"max \|ours − reference\| = [0-9.e+-]+",
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN), ids=list(BROKEN))
+def test_broken_function_raises_naming_the_failed_check(name):
+    custom, reference, make, check = BROKEN[name]
+    # Anchored on the label, so "gradcheck" cannot match inside "gradgradcheck".
+    pattern = "^" + re.escape(name) + ": " + FAILED_CHECK_MESSAGE[check]
+    with pytest.raises(GradientCheckError, match=pattern):
+        check_function(custom, reference, *make(), name=name)
+
+
+@pytest.mark.parametrize("name", list(BROKEN), ids=list(BROKEN))
+def test_broken_function_without_raising_returns_its_failures(name):
+    custom, reference, make, check = BROKEN[name]
+    result = check_function(custom, reference, *make(), name=name, raise_on_failure=False)
+    assert isinstance(result, CheckResult)
+    assert result.failures, "a broken Function passed every check"
+    assert any(re.match(FAILED_CHECK_MESSAGE[check], msg) for msg in result.failures)
+    assert result.max_err > 1e-3
+    if check == "gradcheck":
+        assert result.gradcheck_max_err > 1e-3
+    if check == "gradgradcheck":
+        assert result.gradcheck_max_err < 1e-6  # first order is right ...
+        assert result.gradgradcheck_max_err > 1e-3  # ... second order is not
+    if check == "parity":
+        assert result.gradcheck_max_err < 1e-6
+        assert result.parity_max_err["torch.float32"] > 1e-3
+
+
+def test_relu_without_mask_error_size_is_reported():
+    # At u < 0 the analytical Jacobian entry is 1 where finite differences give 0.
+    result = check_function(ReLUGradAtNegative.apply, TF.relu, _u(), raise_on_failure=False)
+    assert result.gradcheck_max_err == pytest.approx(1.0, abs=1e-6)
+
+
+def test_missing_one_over_n_also_fails_gradient_parity():
+    # Same forward, gradient N times too large: parity flags the gradient, not the output.
+    result = check_function(CrossEntropyWithoutMean.apply, TF.cross_entropy, _x(5, 4), _y(),
+                            raise_on_failure=False)
+    parity = [m for m in result.failures if m.startswith("parity")]
+    assert len(parity) == 2  # float32 and float64
+    assert all("on grad[0]" in m for m in parity)
+
+
+def test_correct_function_passes_with_small_errors():
+    result = check_function(F.relu, TF.relu, _u())
+    assert result.failures == []
+    assert result.name == "relu"  # the label defaults to the function's name
+    assert result.max_err < 1e-6
+    assert set(result.parity_max_err) == {"torch.float32", "torch.float64"}
+
+
+def test_gradgrad_false_skips_double_backward():
+    result = check_function(CrossEntropyDetachedBackward.apply, TF.cross_entropy, _x(5, 4), _y(),
+                            gradgrad=False)
+    assert result.failures == []
+    assert result.gradgradcheck_max_err == 0.0
+
+
+def test_reference_none_skips_parity():
+    result = check_function(LinearWrongLayout.apply, None, _x(2, 3), _x(3, 3))
+    assert result.failures == []
+    assert result.parity_max_err == {}
+
+
+def test_parity_tolerances_are_applied():
+    def off(u):  # 1e-4 relative off the native op, with a consistent gradient
+        return F.relu(u) * (1 + 1e-4)
+
+    with pytest.raises(GradientCheckError, match=r"parity with the reference failed"):
+        check_function(off, TF.relu, _u())
+    loose = {torch.float32: (1e-3, 1e-3), torch.float64: (1e-3, 1e-3)}
+    assert check_function(off, TF.relu, _u(), tolerances=loose).failures == []
+
+
+def test_no_differentiable_input_is_refused():
+    with pytest.raises(ValueError, match="no input requires grad"):
+        check_function(F.relu, TF.relu, torch.randn(3, dtype=torch.float64))
+
+
+def test_noncontiguous_inputs_are_checked():
+    x = torch.randn(4, 3, dtype=torch.float64).t().requires_grad_()
+    assert not x.is_contiguous()
+    assert check_function(F.linear, TF.linear, x, _x(2, 4)).failures == []
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------
+def test_main_returns_1_and_reports_a_broken_case(monkeypatch, capsys):
+    good = ("relu-ok", F.relu, TF.relu, (_u(),))
+    bad = ("relu-broken", ReLUGradAtNegative.apply, TF.relu, (_u(),))
+    monkeypatch.setattr(testing, "function_cases", lambda seed=0: iter([good, bad]))
+    assert testing.main([]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^relu-ok\s+pass", out, re.M)
+    assert re.search(r"^relu-broken\s+FAIL", out, re.M)
+    assert "gradcheck failed" in out
+    assert "1/2 passed; 1 FAILED" in out
+
+
+def test_main_returns_0_when_every_case_passes(monkeypatch, capsys):
+    good = ("relu-ok", F.relu, TF.relu, (_u(),))
+    monkeypatch.setattr(testing, "function_cases", lambda seed=0: iter([good]))
+    assert testing.main([]) == 0
+    assert "1/1 passed" in capsys.readouterr().out
+
+
+def test_python_m_torch_mlp_testing_passes_the_whole_matrix():
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_mlp.testing"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.search(r"^(\d+)/(\d+) passed$", proc.stdout, re.M)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 40, proc.stdout
+    assert "FAIL" not in proc.stdout
+    assert re.search(r"^case\s+result\s+gradcheck\s+gradgrad", proc.stdout, re.M)
