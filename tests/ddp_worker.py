@@ -1,0 +1,15 @@
+"""One DDP process for test_train.py's two-process test (torch.multiprocessing.spawn target)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def run(rank: int, world_size: int, port: int, argv: list[str], data: Any) -> None:
+    # What torchrun would set; train.py's own code then joins the group (gloo on CPU).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import train
+
+    train.main([*argv, "--threads", "1"], data=data)

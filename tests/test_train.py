@@ -1,0 +1,395 @@
+"""train.py: smoke runs on a --limit subset, outputs, resume, --verify-every, errors, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mnist_fixture import mnist_root
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import train as T  # noqa: E402
+from torch_mlp.data import MNISTTensors, load_mnist  # noqa: E402
+from torch_mlp.functional import SoftmaxCrossEntropyFunction  # noqa: E402
+
+# Small and fast: 1000 training images, 10 steps of 100 per epoch, hidden 32, one thread (the
+# CPU may be shared; one thread is the most predictable there).
+FAST = ["--hidden", "32", "--limit", "1000", "--batch-size", "100", "--epochs", "2", "--quiet",
+        "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mnist_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir: Path) -> MNISTTensors:
+    return load_mnist(data_dir)
+
+
+@pytest.fixture
+def run(data_dir: Path, mnist: MNISTTensors, tmp_path: Path):
+    """run(*flags, out="run") -> main()'s result, with FAST settings, --out in tmp_path and
+    MNIST loaded once per session (load=True: main() loads it itself, as from the CLI)."""
+
+    def _run(*flags: str, out: str = "run", load: bool = False) -> dict[str, Any]:
+        argv = ["--data-dir", str(data_dir), "--out", str(tmp_path / out), *FAST, *flags]
+        return T.main(argv, data=None if load else mnist)
+
+    return _run
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, weights_only=True)
+
+
+def test_smoke_run_learns_and_writes_every_output(run, tmp_path: Path) -> None:
+    from PIL import Image
+
+    result = run("--epochs", "3", "--limit", "2000", load=True)
+    out = tmp_path / "run"
+    hist = result["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]  # the loss falls
+    assert hist[-1]["test_loss"] < hist[0]["test_loss"]
+    assert result["test_acc"] > 0.7  # chance is 0.1
+    # --verify-every's default: once per epoch, and custom matched native closely.
+    assert all(h["verify_checks"] == 1 for h in hist)
+    assert all(h["verify_max_rel_diff"] < 1e-5 for h in hist)
+    assert all(h["verify_tolerance_used"] < 1 for h in hist)
+
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(T.METRIC_FIELDS) <= set(rows[0])
+    assert float(rows[-1]["test_acc"]) == pytest.approx(result["test_acc"])
+    for png in ("curves.png", "weights.png"):
+        with Image.open(out / png) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 100
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden"] == [32] and config["resolved"]["steps_per_epoch"] == 20
+    ck = _load(out / "checkpoint.pt")  # weights_only=True: tensors and plain containers only
+    assert ck["epoch"] == 3 and ck["sizes"] == [784, 32, 10]
+    assert set(ck["model"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt", "config.json", "curves.png", "metrics.csv", "weights.png"]
+
+
+def test_native_run_follows_the_custom_run(run) -> None:
+    # Same seed, same initial values (torch_mlp's init is nn.Linear's), same batches.
+    torch.manual_seed(0)
+    custom = T.build_model([32])
+    torch.manual_seed(0)
+    native = T.build_model([32], native=True)
+    assert all(type(m).__module__.startswith("torch.nn") for m in native)
+    for a, b in zip(custom.state_dict().values(), native.state_dict().values()):
+        assert torch.equal(a, b)
+    ours, theirs = run(out="custom"), run("--native", out="native")
+    assert theirs["verify_checks"] == 0  # nothing to verify: native is the reference
+    for h1, h2 in zip(ours["history"], theirs["history"]):
+        assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-4)
+        assert abs(h1["test_acc"] - h2["test_acc"]) <= 0.002
+
+
+def test_resume_is_bit_identical(run, data_dir: Path, mnist: MNISTTensors, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    run(out="straight")
+
+    # The same run, interrupted (Ctrl-C) right after epoch 1's checkpoint and metrics.
+    real = T.write_metrics_csv
+
+    def interrupt(path: Path, history: Any) -> None:
+        real(path, history)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "write_metrics_csv", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(out="resumed")
+    monkeypatch.setattr(T, "write_metrics_csv", real)
+    ck_path = tmp_path / "resumed" / "checkpoint.pt"
+    assert _load(ck_path)["epoch"] == 1
+    # Resumed with the checkpoint alone: its flags come from the checkpoint.
+    T.main(["--resume", str(ck_path), "--data-dir", str(data_dir), "--quiet", "--threads", "1"],
+           data=mnist)
+
+    a, b = _load(tmp_path / "straight" / "checkpoint.pt"), _load(ck_path)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["rng"]["shuffle"], b["rng"]["shuffle"])
+    with open(tmp_path / "resumed" / "metrics.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_verify_every_catches_a_wrong_backward(run, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = SoftmaxCrossEntropyFunction.backward
+
+    def no_mean(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        grad_z, *rest = real(ctx, g)
+        return (grad_z * grad_z.shape[0], *rest)  # forgets the 1/N of the mean
+
+    monkeypatch.setattr(SoftmaxCrossEntropyFunction, "backward", staticmethod(no_mean))
+    with pytest.raises(T.VerifyError, match=r"at step 0 the hand-derived \S+ gradient differs "
+                       r"from native autograd's: max abs diff .* > tolerance .*\(torch.float32\)"):
+        run()
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # It is the check that catches it: without it, the run trains on the wrong gradient.
+    result = run("--verify-every", "0", "--epochs", "1", out="unchecked")
+    assert result["verify_checks"] == 0
+
+
+def test_verify_tolerance_allows_rounding_and_catches_errors() -> None:
+    # Near convergence a gradient is a small difference of large terms: both implementations
+    # are off from the exact value by rounding of the terms, far above rtol·max|g|.
+    torch.manual_seed(0)
+    exact = torch.randn(1000, dtype=torch.float64) * 1e-6
+    rounding = 1e-9  # ~ float32 eps times terms of ~1e-2
+    native = (exact + rounding * torch.randn(1000, dtype=torch.float64)).float()
+    ours = (exact + rounding * torch.randn(1000, dtype=torch.float64)).float()
+    rtol = T.VERIFY_RTOL[torch.float32]
+    assert T.compare_gradient(ours, native, exact, rtol)["rel"] > 10 * rtol
+    assert T.compare_gradient(ours, native, exact, rtol)["used"] < 1
+    assert T.compare_gradient(native * 1.01, native, exact, rtol)["used"] > 1
+    assert T.compare_gradient(native * 128, native, exact, rtol)["used"] > 1e3
+    nan = native.clone()
+    nan[3] = float("nan")
+    assert not T.compare_gradient(nan, native, exact, rtol)["used"] <= 1
+    zero = torch.zeros(5)  # a dead unit: all-zero gradients in both
+    assert T.compare_gradient(zero, zero, zero.double(), rtol)["used"] == 0
+
+
+def test_verify_every_n_steps_and_its_cost(run) -> None:
+    result = run("--verify-every", "3")
+    # Steps 0..19, every 3rd: 0 3 6 9 in epoch 1, 12 15 18 in epoch 2.
+    assert [h["verify_checks"] for h in result["history"]] == [4, 3]
+    assert result["verify_overhead"] < 0.5  # tiny model: the cost is measured, not asserted
+
+
+def test_amp_bfloat16_on_cpu(run) -> None:
+    result = run("--amp", "--verify-every", "5", "--device", "cpu")
+    assert result["test_acc"] > 0.5
+    assert all(h["verify_checks"] == 2 for h in result["history"])  # at bf16 tolerance
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "-1"], "--epochs: must be a positive integer, got -1"),
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--hidden", "0"], "--hidden: must be a positive integer, got 0"),
+    (["--hidden", "64", "0"], "--hidden: must be a positive integer, got 0"),
+    (["--hidden", "x"], "--hidden: invalid int value: 'x'"),
+    (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--lr", "0"], r"--lr: must be in \(0"),
+    (["--lr", "nan"], "--lr: must be in"),
+    (["--label-smoothing", "1.5"], r"--label-smoothing: must be in \[0, 1\]"),
+    (["--momentum", "1"], r"--momentum: must be in \[0, 1\)"),
+    (["--l2=-1e-4"], "--l2: must be in"),
+    (["--optimizer", "rmsprop"], "--optimizer: invalid choice: 'rmsprop'"),
+    (["--resume", "/nonexistent/checkpoint.pt"], "--resume /nonexistent/checkpoint.pt: no such"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_cli_values_are_argparse_errors(flags: list[str], message: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        T.main(flags)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: train.py" in err
+    assert re.search(f"error: .*{message}", err), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_cuda_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        T.main(["--device", "cuda"])
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_every_flag_documents_its_default() -> None:
+    parser = T.build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "(default: " in (action.help or ""), action.dest
+    args = T.parse_args([])
+    for key, value in T.DEFAULTS.items():  # the one place the defaults live
+        assert getattr(args, key) == value
+    assert args.lr == T.LR_DEFAULTS["sgd"] and T.parse_args(["--optimizer", "adam"]).lr == 1e-3
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir: Path, mnist: MNISTTensors,
+                 tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "first"
+    T.main(["--data-dir", str(data_dir), "--out", str(out), *FAST, "--epochs", "1"], data=mnist)
+    return out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-checkpoint"])
+def test_corrupt_checkpoint_is_a_clear_error(damage: str, run, finished_run: Path,
+                                             tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    data = finished_run.read_bytes()
+    if damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+        match = "cannot read checkpoint .*bad.pt .*corrupted or truncated"
+    elif damage == "garbage":
+        bad.write_bytes(b"\x00not a zip file" * 100)
+        match = "cannot read checkpoint .*bad.pt .*corrupted or truncated"
+    else:
+        torch.save({"model": {}}, bad)
+        match = "bad.pt is not a train.py checkpoint"
+    with pytest.raises(T.CheckpointError, match=match):
+        run("--resume", str(bad), out="resumed")
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(run, finished_run: Path,
+                                                            data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    with pytest.raises(T.CheckpointError, match=r"another architecture: --hidden \[64\] "
+                       r"\(checkpoint: \[32\]\)"):
+        run("--hidden", "64", "--resume", str(finished_run), out="resumed")
+    # A checkpoint whose weights do not match its own flags (edited by hand, say).
+    ck = _load(finished_run)
+    ck["args"]["hidden"] = [16]
+    odd = tmp_path / "odd.pt"
+    torch.save(ck, odd)
+    with pytest.raises(T.CheckpointError, match="holds an MLP 784-32-10, this run builds "
+                       "784-16-10: another architecture"):
+        T.main(["--resume", str(odd), "--data-dir", str(data_dir), "--quiet",
+                "--out", str(tmp_path / "odd")])
+
+
+def test_out_dir_of_another_run_is_not_overwritten(data_dir: Path, finished_run: Path) -> None:
+    with pytest.raises(T.TrainingError, match=r"already holds a checkpoint\.pt of another run"):
+        T.main(["--data-dir", str(data_dir), "--out", str(finished_run.parent), *FAST])
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+    run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, calls = T.custom_loss, []
+
+    def poisoned(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 13 else loss  # step 12, in epoch 2
+
+    monkeypatch.setattr(T, "custom_loss", poisoned)
+    with pytest.raises(T.NonFiniteLossError, match=r"loss is nan at step 12 \(epoch 2, batch 2\)"
+                       r".*last good checkpoint.*after epoch 1.*is kept"):
+        run()
+    ck = _load(tmp_path / "run" / "checkpoint.pt")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_divergence_from_a_huge_learning_rate_stops(run) -> None:
+    with pytest.raises(T.NonFiniteLossError, match=r"at step \d+ .*try a lower --lr"):
+        run("--lr", "1e6", "--schedule", "none", "--label-smoothing", "0")
+
+
+def test_evaluate() -> None:
+    torch.manual_seed(0)
+    model = T.build_model([8])
+    x, y = torch.randn(50, 784), torch.randint(0, 10, (50,))
+    m = T.evaluate(model, x, y, batch_size=16)
+    assert 0 <= m["acc"] <= 1
+    assert m["loss"] == pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(),
+                                      rel=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "train.py"),
+           *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_ddp_two_processes_step_equals_one_process_step(data_dir: Path, mnist: MNISTTensors,
+                                                        tmp_path: Path,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    # One step on one global batch of 256: 128 per process under DDP (gloo on loopback), against
+    # the same step in one process. --verify-every 1 checks the custom Functions under DDP too.
+    import ddp_worker
+    import torch.multiprocessing as mp
+
+    flags = ["--data-dir", str(data_dir), "--hidden", "32", "--limit", "256", "--batch-size",
+             "256", "--epochs", "1", "--schedule", "none", "--verify-every", "1", "--quiet"]
+    small = MNISTTensors(mnist.x_train[:256], mnist.y_train[:256], mnist.x_test, mnist.y_test)
+    mp.spawn(ddp_worker.run, args=(2, _free_port(), [*flags, "--out", str(tmp_path / "ddp")],
+                                   small), nprocs=2, join=True)
+    printed = capfd.readouterr().out
+    single = T.main([*flags, "--out", str(tmp_path / "single"), "--threads", "1"], data=small)
+    assert printed.count("epoch  1/1") == 1  # only rank 0 prints ...
+    assert "x2 processes (DDP)" in printed and "verify ok" in printed
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [  # ... and writes
+        "checkpoint.pt", "config.json", "curves.png", "metrics.csv", "weights.png"]
+    a, b = _load(tmp_path / "ddp" / "checkpoint.pt"), _load(tmp_path / "single" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 1
+    torch.manual_seed(0)
+    before = T.build_model([32]).state_dict()
+    for k in a["model"]:
+        assert not torch.equal(a["model"][k], before[k])  # the step moved every parameter
+        # Equal up to float rounding: the mean of two 128-means against one 256-mean.
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-6, atol=1e-7)
+    with open(tmp_path / "ddp" / "metrics.csv", newline="") as f:
+        ddp_loss = float(next(csv.DictReader(f))["train_loss"])
+    assert single["train_loss"] == pytest.approx(ddp_loss, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_resume(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A single-process run interrupted after epoch 1, resumed under DDP: same global batches,
+    # so it ends where the uninterrupted single-process run ends, up to float rounding.
+    flags = ["--data-dir", str(data_dir), "--hidden", "32", "--limit", "1000", "--batch-size",
+             "100", "--epochs", "2", "--quiet"]
+    T.main([*flags, "--out", str(tmp_path / "straight"), "--threads", "1"])
+    real = T.write_metrics_csv
+
+    def interrupt(path: Path, history: Any) -> None:
+        real(path, history)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "write_metrics_csv", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        T.main([*flags, "--out", str(tmp_path / "resumed"), "--threads", "1"])
+    ck = tmp_path / "resumed" / "checkpoint.pt"
+    proc = _torchrun(["--resume", str(ck), "--data-dir", str(data_dir), "--quiet"], tmp_path)
+    assert "resuming" in proc.stdout and "epoch  2/2" in proc.stdout
+    a, b = _load(tmp_path / "straight" / "checkpoint.pt"), _load(ck)
+    assert b["epoch"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_smoke(run) -> None:
+    result = run("--compile", "--verify-every", "7")
+    assert result["test_acc"] > 0.5
+    assert sum(h["verify_checks"] for h in result["history"]) == 3
