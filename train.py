@@ -40,6 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":
+    # OpenMP threads that sleep rather than spin while they wait. On a CPU shared with other
+    # jobs, spinning threads starve each other: here (2 cores, load ~4) a training step took
+    # 140 ms with torch's default and 19 ms with this. It must be set before torch loads; an
+    # OMP_WAIT_POLICY of your own wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as TF
