@@ -49,12 +49,15 @@ class LinearFunction(Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (M, D)
-        if bias is None:
-            u = x2.mm(weight.t())
-        else:
-            u = torch.addmm(bias, x2, weight.t())  # one fused GEMM + bias, (M, H)
-        return u.reshape(*x.shape[:-1], weight.shape[0])  # (*, H)
+        # The output must be a fresh tensor, never a view (not even x2.mm(...).reshape(...)):
+        # autograd forbids modifying a custom Function's view output in place, which would break
+        # a following ReLU(inplace=True).
+        if x.dim() == 2:
+            if bias is None:
+                return x.mm(weight.t())  # (N, H)
+            return torch.addmm(bias, x, weight.t())  # one fused GEMM + bias, (N, H)
+        u = torch.matmul(x, weight.t())  # (*, H): matmul folds the leading dims, returns no view
+        return u if bias is None else u + bias
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -235,6 +238,10 @@ class SoftmaxCrossEntropyFunction(Function):
         ctx.ignore_index = ignore_index
         ctx.reduction = reduction
         ctx.label_smoothing = label_smoothing
+        if not torch.compiler.is_compiling():  # jvp is not traced by torch.compile anyway
+            # jvp then gets None, not zeros, for an input without a tangent: a tangent on the
+            # class weight can be told apart from none, and refused.
+            ctx.set_materialize_grads(False)
 
     @staticmethod
     def _row_scale(ctx, z: Tensor, target: Tensor, weight: Tensor | None, g: Tensor) -> Tensor:
@@ -268,21 +275,27 @@ class SoftmaxCrossEntropyFunction(Function):
         valid, safe_t, w_y = _index_target_terms(target, weight, ctx.ignore_index, z.dtype)
         # Q_i = (1-eps) w_{y_i} onehot(y_i) + (eps/C) w  on valid rows, 0 on ignored ones.
         hot = (1 - eps) * w_y  # (M,)
+        # valid as z's dtype: a bool mask times a Python float (or torch.where of two Python
+        # scalars) would come out in the default dtype, float32: a dtype error in bfloat16 and
+        # eps/C rounded to float32 in float64.
+        valid_z = valid.to(z.dtype)  # (M,)
         if eps > 0:
             w_sum = C if weight is None else weight.sum()
-            q_sum = hot + torch.where(valid, eps / C * w_sum, 0)  # Σ_c Q_ic, (M,)
+            q_sum = hot + valid_z * (eps / C * w_sum)  # Σ_c Q_ic, (M,)
         else:
             q_sum = hot
         dz = p * q_sum.unsqueeze(-1)  # (M, C)
         if eps > 0:
             smooth = (eps / C) * (1 if weight is None else weight)
-            dz = dz - valid.unsqueeze(-1) * smooth  # uniform part of Q
+            dz = dz - valid_z.unsqueeze(-1) * smooth  # uniform part of Q
         # − onehot part of Q, scattered into place: no (M, C) one-hot is built.
         dz = dz.scatter_add(-1, safe_t.unsqueeze(-1), -hot.unsqueeze(-1))
         return dz, logp
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, g: Tensor | None):
+        if g is None:  # undefined (zero) upstream gradient: grads are not materialized, see above
+            return None, None, None, None, None, None
         z, target, weight = ctx.saved_tensors
         grad_z = grad_target = None
         scale = SoftmaxCrossEntropyFunction._row_scale(ctx, z, target, weight, g)  # (M,)
@@ -299,6 +312,13 @@ class SoftmaxCrossEntropyFunction(Function):
 
     @staticmethod
     def jvp(ctx, z_t, target_t, weight_t, *_):
+        if weight_t is not None:
+            # Refused as backward refuses a weight that requires grad: dropping the tangent
+            # would be a silently wrong derivative.
+            raise RuntimeError(
+                "cross_entropy: the derivative with respect to weight is not supported; pass a "
+                "weight without a tangent (forward-mode AD: torch.func.jvp, jacfwd, hessian)"
+            )
         z, target, weight = ctx.saved_tensors
         dz, logp = SoftmaxCrossEntropyFunction._dloss_dz(ctx, z, target, weight)
         one = torch.ones((), dtype=z.dtype, device=z.device)
@@ -345,6 +365,55 @@ class L2PenaltyFunction(Function):
         weights = ctx.saved_tensors
         terms = [(w * w_t).sum() for w, w_t in zip(weights, weights_t) if w_t is not None]
         return ctx.lam * torch.stack(terms).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile twins: the same Functions without jvp
+# --------------------------------------------------------------------------------------------
+# Dynamo (torch.compile's tracer; seen with torch 2.14) refuses to trace an autograd.Function
+# that defines jvp when an input requires grad: it graph-breaks with "Unsupported custom jvp" at
+# every call, so fullgraph=True fails and each layer runs uncompiled. Under torch.compile the
+# wrappers below call these twins instead: the same forward, setup_context and hand-derived
+# backward (inherited), with jvp reset to autograd.Function's own. AOTAutograd then traces our
+# backward into the compiled graph. Forward-mode AD (torch.func.jvp, jacfwd) is for eager code,
+# where the originals run.
+class _LinearFunctionNoJvp(LinearFunction):
+    jvp = staticmethod(Function.jvp)
+
+
+class _ReLUFunctionNoJvp(ReLUFunction):
+    jvp = staticmethod(Function.jvp)
+
+
+class _SoftmaxCrossEntropyFunctionNoJvp(SoftmaxCrossEntropyFunction):
+    jvp = staticmethod(Function.jvp)
+
+
+class _L2PenaltyFunctionNoJvp(L2PenaltyFunction):
+    jvp = staticmethod(Function.jvp)
+
+
+def _pick(fn: type[Function], no_jvp: type[Function]) -> type[Function]:
+    """``fn`` in eager code, its jvp-less twin under torch.compile.
+
+    torch.compile around a torch.func transform (grad, vjp, jacrev, vmap, jvp, ...) that runs
+    these Functions is refused with an error: there Dynamo mis-traces custom Functions and
+    returns wrong gradients without a word (it reads ``ctx.needs_input_grad`` from the tensors
+    outside the transform, and may drop the custom backward altogether:
+    https://github.com/pytorch/pytorch/issues/193279). Without ``fullgraph=True`` the error is a
+    graph break, and the call then runs in eager mode, correctly.
+    """
+    if not torch.compiler.is_compiling():
+        return fn
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "torch_mlp: a hand-derived Function under a torch.func transform inside "
+            "torch.compile is not supported (Dynamo mis-traces custom autograd.Functions "
+            "there and can return wrong gradients, pytorch/pytorch#193279); run the torch.func "
+            "transform uncompiled, or compile without fullgraph=True so that this call falls "
+            "back to eager"
+        )
+    return no_jvp
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,10 +491,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if cast is not None:
         x, weight, bias = (_autocast_to(t, cast) for t in (x, weight, bias))
     _same_dtype_device("linear", input=x, weight=weight, bias=bias)
+    fn = _pick(LinearFunction, _LinearFunctionNoJvp)
     if cast is None:
-        return LinearFunction.apply(x, weight, bias)
+        return fn.apply(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
-        return LinearFunction.apply(x, weight, bias)
+        return fn.apply(x, weight, bias)
 
 
 def relu(u: Tensor, inplace: bool = False) -> Tensor:
@@ -434,7 +504,14 @@ def relu(u: Tensor, inplace: bool = False) -> Tensor:
     ``inplace=True`` overwrites ``u`` and marks it dirty, so autograd's version counter still
     catches a later use of the overwritten values.
     """
-    return ReLUFunction.apply(u, inplace)
+    fn = _pick(ReLUFunction, _ReLUFunctionNoJvp)
+    if inplace and (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+        # The in-place Function returns u itself and saves it: vmap refuses a Function that
+        # saves an input returned as-is, and Dynamo cannot trace mark_dirty. There: the same
+        # values, the same in-place effect on u and the same hand-derived backward, computed
+        # out of place and then written into u.
+        return u.copy_(fn.apply(u, False))
+    return fn.apply(u, inplace)
 
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -533,7 +610,8 @@ def cross_entropy(
     else:  # (N, C, d1, ..., dk) -> (N·d1···dk, C): classes last, one row per position
         z = input.movedim(1, -1).reshape(-1, C)
         t = target.movedim(1, -1).reshape(-1, C) if probs else target.reshape(-1)
-    loss = SoftmaxCrossEntropyFunction.apply(z, t, weight, ignore_index, reduction, label_smoothing)
+    fn = _pick(SoftmaxCrossEntropyFunction, _SoftmaxCrossEntropyFunctionNoJvp)
+    loss = fn.apply(z, t, weight, ignore_index, reduction, label_smoothing)
     if reduction != "none":
         return loss
     if input.dim() == 1:
@@ -575,4 +653,5 @@ def l2_penalty(weights: Sequence[Tensor] | Tensor, lam: float) -> Tensor:
         if not isinstance(w, Tensor) or not w.is_floating_point():
             raise TypeError(f"l2_penalty: weights[{k}] must be a floating-point tensor")
     _same_dtype_device("l2_penalty", **{f"weights[{k}]": w for k, w in enumerate(weights)})
-    return L2PenaltyFunction.apply(float(lam), *weights)
+    fn = _pick(L2PenaltyFunction, _L2PenaltyFunctionNoJvp)
+    return fn.apply(float(lam), *weights)

@@ -235,18 +235,23 @@ def check_function(
 Case = tuple[str, Callable[..., Any], Callable[..., Any] | None, tuple[Any, ...]]
 
 
-def function_cases(seed: int = 0) -> Iterator[Case]:
+def function_cases(
+    seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
+) -> Iterator[Case]:
     """Every Function × option combination the project checks: (id, custom, reference, inputs).
 
-    Inputs are small float64 tensors; ReLU inputs are kept away from the kink at 0, where the
-    finite difference straddles two slopes.
+    Inputs are small floating tensors of ``dtype`` (float64, what gradcheck needs, by default)
+    on ``device``, drawn in float64 on the CPU from ``seed`` so that every device and dtype
+    starts from the same values; ReLU inputs are kept away from the kink at 0, where the finite
+    difference straddles two slopes.
     """
     from . import functional as F  # the package's Functions; testing is importable on its own
 
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, grad: bool = True) -> Tensor:
-        return torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_(grad)
+        t = torch.randn(*shape, dtype=torch.float64, generator=gen)
+        return t.to(device, dtype).requires_grad_(grad)
 
     # Linear: with and without bias, 1-D, 2-D and leading-dim inputs.
     for shape in [(4,), (3, 4), (2, 3, 4)]:
@@ -257,15 +262,16 @@ def function_cases(seed: int = 0) -> Iterator[Case]:
 
     # ReLU, away from the kink: |u| >= 0.1.
     u = torch.randn(3, 5, dtype=torch.float64, generator=gen)
-    u = (u + 0.1 * u.sign()).requires_grad_()
+    u = (u + 0.1 * u.sign()).to(device, dtype).requires_grad_()
     yield "relu", F.relu, TF.relu, (u,)
 
     # Cross-entropy: index and probability targets × reduction × weight × label smoothing,
     # plus ignore_index, unbatched and k-dimensional inputs.
     C = 4
-    weight = torch.rand(C, dtype=torch.float64, generator=gen) + 0.5
-    index_t = torch.tensor([0, 3, 1, 2, 3])
+    weight = (torch.rand(C, dtype=torch.float64, generator=gen) + 0.5).to(device, dtype)
+    index_t = torch.tensor([0, 3, 1, 2, 3], device=device)
     prob_t = torch.softmax(torch.randn(5, C, dtype=torch.float64, generator=gen), 1)
+    prob_t = prob_t.to(device, dtype)
     # The class weight travels as an input (not a closure), so the parity check casts it too.
     for kind in ("index", "prob"):
         for reduction in ("mean", "sum", "none"):
@@ -282,7 +288,7 @@ def function_cases(seed: int = 0) -> Iterator[Case]:
                         return TF.cross_entropy(z, t, w, reduction=r, label_smoothing=ls)
 
                     yield ident, ours, ref, (randn(5, C), target, w)
-    ignore_t = torch.tensor([0, -100, 1, 2, -100])
+    ignore_t = torch.tensor([0, -100, 1, 2, -100], device=device)
     for reduction in ("mean", "sum", "none"):
         for w in (None, weight):
             ident = (f"cross_entropy-ignore_index-{reduction}-"
@@ -295,16 +301,17 @@ def function_cases(seed: int = 0) -> Iterator[Case]:
                 return TF.cross_entropy(z, ignore_t, w, reduction=r, label_smoothing=0.1)
 
             yield ident, ours, ref, (randn(5, C), w)
-    unbatched_t = torch.tensor(2)
+    unbatched_t = torch.tensor(2, device=device)
     yield ("cross_entropy-unbatched", lambda z: F.cross_entropy(z, unbatched_t),
            lambda z: TF.cross_entropy(z, unbatched_t), (randn(C),))
-    kdim_t = torch.randint(0, C, (2, 3, 2), generator=gen)
+    kdim_t = torch.randint(0, C, (2, 3, 2), generator=gen).to(device)
     for reduction in ("mean", "none"):
         yield (f"cross_entropy-kdim-index-{reduction}",
                lambda z, r=reduction: F.cross_entropy(z, kdim_t, reduction=r),
                lambda z, r=reduction: TF.cross_entropy(z, kdim_t, reduction=r),
                (randn(2, C, 3, 2),))
     kdim_p = torch.softmax(torch.randn(2, C, 3, dtype=torch.float64, generator=gen), 1)
+    kdim_p = kdim_p.to(device, dtype)
     yield ("cross_entropy-kdim-prob-mean", F.cross_entropy, TF.cross_entropy,
            (randn(2, C, 3), kdim_p.requires_grad_()))
 
