@@ -1,0 +1,109 @@
+"""``python -m bench [--quick] [--device D] [--compile] [--only SECTION ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import e2e, memory, ops, roofline, step
+from .common import BATCH, HIDDEN, Settings, load, machine_info
+
+SECTIONS = ("step", "ops", "memory", "roofline", "e2e")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="few, short repetitions: a smoke run, not a measurement (default: off)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:k] (default: cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the step under torch.compile (default: off)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   metavar="SECTION", help=f"sections to run, of {', '.join(SECTIONS)} "
+                   "(default: all)")
+    p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN),
+                   help=f"hidden sizes H (default: {' '.join(map(str, HIDDEN))})")
+    p.add_argument("--batch", type=int, nargs="+", default=list(BATCH),
+                   help=f"batch sizes B (default: {' '.join(map(str, BATCH))})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's own choice)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared "
+                   "machine, use with --threads 1 (default: wall)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results file (default: bench/results.json)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = Settings.make(args.quick, args.device, clock=args.clock)
+    results: dict[str, Any] = {
+        "machine": machine_info(s.device),
+        "load_start": load(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {"quick": args.quick, "warmup": s.warmup, "rounds": s.rounds,
+                     "min_time_s": s.min_time_s, "hidden": args.hidden, "batch": args.batch,
+                     "sections": args.only, "compile": args.compile,
+                     "clock": args.clock},
+    }
+    m = results["machine"]
+    print(f"# torch_mlp vs torch.nn — {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+          f"{m['threads']} threads, device {m['device']}"
+          + (f" ({m['gpu']})" if "gpu" in m else "") + f"; load {results['load_start']}",
+          flush=True)
+    text = []
+    if "step" in args.only:
+        print("## training step", flush=True)
+        results["step"] = step.run(s, args.hidden, args.batch)
+        text.append(("Training step (forward, loss, backward, SGD step)",
+                     step.render(results["step"])))
+        if args.compile:
+            sc = Settings.make(args.quick, args.device, compile=True, clock=args.clock)
+            results["step_compiled"] = step.run(sc, args.hidden, args.batch)
+            text.append(("Training step, torch.compile", step.render(results["step_compiled"])))
+    if "ops" in args.only:
+        print("## per-op forward + backward", flush=True)
+        results["ops"] = ops.run(s, args.quick)
+        text.append(("Per-op forward + backward", ops.render(results["ops"])))
+    if "memory" in args.only:
+        print("## memory", flush=True)
+        results["memory"] = memory.run(s.device, args.hidden, args.batch)
+        text.append(("Memory of one training step", memory.render(results["memory"])))
+    if "roofline" in args.only:
+        print("## roofline", flush=True)
+        results["roofline"] = roofline.run(s, args.hidden, args.batch)
+        text.append(("Roofline: the step against its GEMMs alone",
+                     roofline.render(results["roofline"])))
+    if "e2e" in args.only:
+        print("## end to end", flush=True)
+        results["e2e"] = e2e.run(args.quick, args.device)
+        if results["e2e"]:
+            text.append(("End to end: seconds per MNIST epoch", e2e.render(results["e2e"])))
+    results["load_end"] = load()
+    print()
+    for title, body in text:
+        print(f"### {title}\n\n{body}\n")
+    print(f"load average (1, 5, 15 min): start {results['load_start']}, end {results['load_end']}")
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)

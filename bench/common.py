@@ -1,0 +1,210 @@
+"""Shared pieces of the benchmark: interleaved timing, machine info, tables, the two models."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import torch_mlp
+
+# The issue's grid: MLP 784-H-10, hidden sizes × batch sizes.
+D_IN, N_CLASSES = 784, 10
+HIDDEN = (256, 1024, 4096)
+BATCH = (1, 32, 128, 1024)
+
+
+@dataclass
+class Settings:
+    """How hard to time: warm-up calls, interleaved rounds, and the length of one measurement."""
+
+    device: torch.device
+    warmup: int = 5
+    rounds: int = 21  # interleaved (A, B) pairs; odd, so the median is one of them
+    min_time_s: float = 0.05  # one measurement repeats the call until it takes at least this
+    compile: bool = False
+    # "wall": time.perf_counter. "cpu": time.process_time, the CPU time of this process: on a
+    # machine shared with other work it does not count the time other processes hold the cores
+    # (meaningful with --threads 1, where no idle worker thread spins; CPU device only).
+    clock: str = "wall"
+
+    @classmethod
+    def make(cls, quick: bool, device: str, compile: bool = False, clock: str = "wall"
+             ) -> Settings:
+        dev = torch.device(device)
+        if quick:
+            return cls(dev, warmup=1, rounds=3, min_time_s=0.002, compile=compile, clock=clock)
+        return cls(dev, compile=compile, clock=clock)
+
+    @property
+    def timer(self) -> Callable[[], float]:
+        return time.process_time if self.clock == "cpu" else time.perf_counter
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _calibrate(fn: Callable[[], Any], device: torch.device, min_time_s: float) -> int:
+    """Calls per measurement so that one measurement lasts at least ``min_time_s``."""
+    n = 1
+    while True:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        dt = time.perf_counter() - t0
+        if dt >= min_time_s or n >= 1 << 16:
+            return n
+        n = max(n * 2, int(n * min_time_s / max(dt, 1e-9) * 1.2))
+
+
+def interleaved(fns: Sequence[Callable[[], Any]], s: Settings) -> list[list[float]]:
+    """Time several callables in one process, round-robin A, B, (C,) A, B, ... after a warm-up.
+
+    Returns one list of seconds-per-call per callable, entry r of each taken in round r, so
+    entries with the same index are neighbours in time (a pair, for two callables). Each entry
+    is the mean over ``n`` back-to-back calls, ``n`` calibrated once per callable; the garbage
+    collector is off while timing, as in ``timeit``.
+    """
+    for fn in fns:
+        for _ in range(s.warmup):
+            fn()
+    sync(s.device)
+    ns = [_calibrate(fn, s.device, s.min_time_s) for fn in fns]
+    timer = s.timer
+    times: list[list[float]] = [[] for _ in fns]
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(s.rounds):
+            for k, (fn, n) in enumerate(zip(fns, ns)):
+                sync(s.device)
+                t0 = timer()
+                for _ in range(n):
+                    fn()
+                sync(s.device)
+                times[k].append((timer() - t0) / n)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def compare(custom: list[float], native: list[float]) -> dict[str, float]:
+    """Medians and the custom/native ratio: median, min and max over the interleaved pairs."""
+    ratios = [a / b for a, b in zip(custom, native)]
+    return {
+        "custom_ms": statistics.median(custom) * 1e3,
+        "native_ms": statistics.median(native) * 1e3,
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "pairs": len(ratios),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The two models of the training step, with identical parameters
+# --------------------------------------------------------------------------------------------
+def make_models(hidden: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    custom = torch_mlp.MLP(D_IN, hidden, N_CLASSES, device=device)
+    native = nn.Sequential(nn.Linear(D_IN, hidden), nn.ReLU(), nn.Linear(hidden, N_CLASSES))
+    native.to(device).load_state_dict(custom.state_dict())
+    return custom, native
+
+
+def make_batch(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, D_IN, generator=gen).to(device)
+    y = torch.randint(0, N_CLASSES, (batch,), generator=gen).to(device)
+    return x, y
+
+
+def make_step(
+    model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, compile: bool = False
+) -> Callable[[], None]:
+    """One training step: zero_grad, forward, loss, backward, SGD step."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(model(x), y)
+
+    fwd = torch.compile(forward_loss, dynamic=False) if compile else forward_loss
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        fwd(x, y).backward()
+        opt.step()
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Machine and load
+# --------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "platform": platform.platform(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; ``columns`` are (key, header, format spec)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---:" for _ in columns) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for key, _, spec in columns:
+            v = r.get(key)
+            cells.append("–" if v is None else format(v, spec) if spec else str(v))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *body])
+
+
+def spread(r: dict[str, Any]) -> str:
+    return f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f}"

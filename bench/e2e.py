@@ -1,0 +1,141 @@
+"""(5) End to end: seconds per MNIST epoch of train.py, torch_mlp against ``--native``, and
+against a conventional pytorch/examples-style loop (a DataLoader over
+``torchvision.datasets.MNIST`` with ``ToTensor``/``Normalize``, batch 64, the same MLP).
+
+train.py's epochs run in this process through ``train.main`` (its ``train_seconds``: the
+training loop alone, without the evaluation), interleaved custom, native, custom, native, ...
+with ``--verify-every 0`` (the gradient check against a native twin is a feature of the run,
+not of the step). The DataLoader loop is timed over its first ``batches`` batches and scaled to
+a whole epoch (60000 images), since it is far slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_TRAIN = 60000
+
+
+def available() -> bool:
+    return os.path.exists(os.path.join(ROOT, "train.py"))
+
+
+def _train_module() -> Any:
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import train
+
+    return train
+
+
+def train_epoch_seconds(train: Any, data: Any, native: bool, limit: int | None, out: str,
+                        device: str) -> float:
+    argv = ["--epochs", "1", "--verify-every", "0", "--quiet", "--out", out,
+            "--device", device]
+    if native:
+        argv.append("--native")
+    if limit:
+        argv += ["--limit", str(limit)]
+    with contextlib.redirect_stdout(io.StringIO()):  # train.py's own epoch lines
+        result = train.main(argv, data=data)
+    return float(result["history"][-1]["train_seconds"])
+
+
+def dataloader_epoch_seconds(data_dir: str, batches: int, device: str) -> tuple[float, int]:
+    """The pytorch/examples mnist loop with the same MLP; seconds for ``batches`` batches."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    import torch_mlp
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    ds = datasets.MNIST(data_dir, train=True, download=False, transform=tf)
+    loader = DataLoader(ds, batch_size=64, shuffle=True)
+    torch.manual_seed(0)
+    model = torch_mlp.MLP(784, 1024, 10).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch_mlp.CrossEntropyLoss()
+    model.train()
+    seen = 0
+    t0 = time.perf_counter()
+    for k, (x, y) in enumerate(loader):
+        if k == batches:
+            break
+        x, y = x.to(device).flatten(1), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        seen += len(y)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, seen
+
+
+def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
+    if not available():
+        print("  e2e: skipped, train.py is not in the repository yet", flush=True)
+        return []
+    train = _train_module()
+    from torch_mlp.data import load_mnist
+
+    data_dir = os.path.join(ROOT, "data")
+    data = load_mnist(data_dir, device=device)
+    limit = 2048 if quick else None
+    pairs = 1 if quick else 3
+    n = limit or N_TRAIN
+    custom: list[float] = []
+    native: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # One untimed short run of each first: lazy initialisation is not an epoch's cost.
+        for nat in (False, True):
+            train_epoch_seconds(train, data, nat, 512, os.path.join(tmp, f"w{nat}"), device)
+        for k in range(pairs):
+            for nat, into in ((False, custom), (True, native)):
+                out = os.path.join(tmp, f"{k}{nat}")
+                into.append(train_epoch_seconds(train, data, nat, limit, out, device))
+                print(f"  e2e train.py{' --native' if nat else ''}: {into[-1]:.2f} s for "
+                      f"{n} images", flush=True)
+    scale = N_TRAIN / n
+    ratios = [a / b for a, b in zip(custom, native)]
+    rows: list[dict[str, Any]] = [{
+        "what": "train.py (torch_mlp) vs train.py --native",
+        "custom_s_per_epoch": statistics.median(custom) * scale,
+        "native_s_per_epoch": statistics.median(native) * scale,
+        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "pairs": len(ratios), "images_timed": n,
+    }]
+    batches = 20 if quick else 200
+    secs, seen = dataloader_epoch_seconds(data_dir, batches, device)
+    dl_epoch = secs * N_TRAIN / seen
+    print(f"  e2e DataLoader loop: {secs:.2f} s for {seen} images -> {dl_epoch:.1f} s/epoch",
+          flush=True)
+    rows.append({
+        "what": "DataLoader loop (ToTensor/Normalize, batch 64) vs train.py (torch_mlp)",
+        "dataloader_s_per_epoch": dl_epoch, "custom_s_per_epoch": rows[0]["custom_s_per_epoch"],
+        "speedup": dl_epoch / rows[0]["custom_s_per_epoch"], "images_timed": seen,
+    })
+    return rows
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    a, b = rows
+    return "\n".join([
+        "| loop | s / epoch | vs train.py (torch_mlp) |",
+        "|---|---:|---:|",
+        f"| train.py (torch_mlp) | {a['custom_s_per_epoch']:.1f} | 1.00 |",
+        f"| train.py --native | {a['native_s_per_epoch']:.1f} | "
+        f"{1 / a['ratio']:.2f} (torch_mlp/native {a['ratio']:.3f}, "
+        f"{a['ratio_min']:.2f}–{a['ratio_max']:.2f}) |",
+        f"| DataLoader loop, batch 64 | {b['dataloader_s_per_epoch']:.1f} | "
+        f"{b['speedup']:.1f}× slower |",
+    ])

@@ -1,0 +1,81 @@
+"""The benchmark runs and writes a well-formed results.json. Timings are never asserted on."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ sits beside tests/
+import bench.__main__ as bench_main
+
+STEP_KEYS = {"H", "B", "custom_ms", "native_ms", "ratio", "ratio_min", "ratio_max", "pairs"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    bench_main.main(["--quick", "--hidden", "16", "--batch", "1", "4",
+                     "--only", "step", "ops", "memory", "roofline", "--out", str(out)])
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_machine_and_load(results: dict) -> None:
+    m = results["machine"]
+    for key in ("cpu", "cores", "torch", "threads", "device"):
+        assert key in m
+    assert results["settings"]["quick"] is True
+    assert len(results["load_start"]) == 3 and len(results["load_end"]) == 3
+
+
+def test_step_rows(results: dict) -> None:
+    rows = results["step"]
+    assert [(r["H"], r["B"]) for r in rows] == [(16, 1), (16, 4)]
+    for r in rows:
+        assert r.keys() >= STEP_KEYS
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+        assert r["custom_ms"] > 0 and r["native_ms"] > 0
+
+
+def test_ops_rows(results: dict) -> None:
+    ops = {r["op"] for r in results["ops"]}
+    assert ops == {"linear", "relu", "cross_entropy"}
+    for r in results["ops"]:
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+
+
+def test_memory_rows(results: dict) -> None:
+    for r in results["memory"]:
+        for impl in ("custom", "native"):
+            # Unique storages never exceed the naive sum; activations are part of the unique.
+            assert r[f"saved_unique_{impl}"] <= r[f"saved_naive_{impl}"]
+            assert 0 <= r[f"saved_activations_{impl}"] <= r[f"saved_unique_{impl}"]
+        # Saved bytes are exact (not timings): torch_mlp saves no more than torch.nn.
+        assert r["saved_unique_custom"] <= r["saved_unique_native"]
+
+
+def test_roofline_rows(results: dict) -> None:
+    for r in results["roofline"]:
+        assert r["gemm_ms"] > 0 and r["gemm_frac_custom"] > 0 and r["gemm_frac_native"] > 0
+
+
+def test_saved_bytes_counts_a_shared_storage_once() -> None:
+    import torch
+
+    from bench.memory import saved_bytes
+
+    class Twice(torch.nn.Module):  # saves x twice (x·x): one storage, two saved tensors
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x
+
+    class Loss(torch.nn.Module):
+        def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return z.sum()
+
+    x = torch.randn(8, 4, requires_grad=True)
+    r = saved_bytes(Twice(), Loss(), x, torch.zeros(8))
+    assert r["tensors"] == 2
+    assert r["naive"] == 2 * r["unique"] == 2 * 8 * 4 * 4
