@@ -322,6 +322,23 @@ def function_cases(
                lambda a, b, lam=lam: 0.5 * lam * (a.square().sum() + b.square().sum()),
                (randn(3, 4), randn(2, 3)))
 
+    # Fused Linear + ReLU, against native linear then relu. Its own generator (the cases above
+    # keep their values); inputs redrawn until every u = x·Wᵀ + b is 0.1 away from the kink.
+    gen_lr = torch.Generator().manual_seed(seed + 1)
+    for shape in [(3, 4), (2, 3, 4)]:
+        for bias in (True, False):
+            while True:
+                x, w, b = (torch.randn(*s, dtype=torch.float64, generator=gen_lr)
+                           for s in (shape, (5, 4), (5,)))
+                if bias and (x @ w.t() + b).abs().min() >= 0.1:
+                    break
+                if not bias and (x @ w.t()).abs().min() >= 0.1:
+                    b = None
+                    break
+            args = tuple(t.to(device, dtype).requires_grad_() for t in (x, w, b) if t is not None)
+            yield (f"linear_relu-x{'x'.join(map(str, shape))}-{'bias' if bias else 'nobias'}",
+                   F.linear_relu, lambda *a: TF.relu(TF.linear(*a)), args)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every case of :func:`function_cases`; print a table; return 1 on any failure."""
