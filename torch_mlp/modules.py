@@ -188,6 +188,9 @@ class MLP(nn.Sequential):
         >>> loss = F.cross_entropy(model(x), y) + model.l2_penalty(1e-4)
     """
 
+    # 2**16 float32 entries: 256 KiB, e.g. batch 128 × 512 hidden units. See forward.
+    FUSE_MAX_ELEMENTS = 2**16
+
     def __init__(
         self,
         in_features: int,
@@ -212,17 +215,25 @@ class MLP(nn.Sequential):
         self.sizes = tuple(sizes)
 
     def forward(self, input: Tensor) -> Tensor:
-        """The layers in order, as ``nn.Sequential`` runs them, except that each Linear → ReLU
-        pair runs as one fused Function, :func:`torch_mlp.functional.linear_relu`: the same
-        values and gradients with one Python forward and backward less per hidden layer. A pair
+        """The layers in order, as ``nn.Sequential`` runs them, except that a Linear → ReLU
+        pair with a small output runs as one fused Function,
+        :func:`torch_mlp.functional.linear_relu`: the same values and gradients with one Python
+        forward and backward less per hidden layer.
+
+        Small: at most ``FUSE_MAX_ELEMENTS`` entries in the (N, H) output. The fused backward
+        holds h and dL/dh until it returns, where the pair frees them after ReLU's backward, so
+        fusing raises the step's peak memory by about two (N, H) tensors; the Python work it
+        saves is a large part of a small step and nothing measurable of a large one. A pair
         whose modules carry hooks (or while any global module hook is set) runs module by
         module, so that the hooks see what they would see."""
         layers = list(self._modules.values())
-        fuse = not _global_hooks()
+        fuse = input.dim() > 0 and not _global_hooks()
         x, i, n = input, 0, len(layers)
         while i < n:
             m = layers[i]
             if (fuse and i + 1 < n and type(m) is Linear and type(layers[i + 1]) is ReLU
+                    and x.numel() // max(x.shape[-1], 1) * m.out_features
+                    <= self.FUSE_MAX_ELEMENTS
                     and not _hooks(m) and not _hooks(layers[i + 1])):
                 x = F.linear_relu(x, m.weight, m.bias)
                 i += 2
