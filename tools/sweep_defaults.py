@@ -30,7 +30,8 @@ RAW = Path(__file__).resolve().parents[1] / "torch_mlp" / "_mnist"
 
 def load(device: str):
     def idx(name: str) -> np.ndarray:
-        data = gzip.open(RAW / f"{name}.gz").read()
+        with gzip.open(RAW / f"{name}.gz") as f:
+            data = f.read()
         ndim = data[3]
         dims = np.frombuffer(data, ">i4", ndim, 4)
         return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -119,7 +120,8 @@ def main() -> None:
     cfgs = grid()
     chunks = [cfgs[k::a.workers] for k in range(a.workers)]
     with mp.get_context("spawn").Pool(a.workers) as pool:
-        rows = [r for part in pool.map(worker, [(c, a.device, a.out) for c in chunks]) for r in part]
+        parts = pool.map(worker, [(c, a.device, a.out) for c in chunks])
+    rows = [r for part in parts for r in part]
     key = lambda r: json.dumps({k: v for k, v in r.items()  # noqa: E731
                                 if k not in ("seed", "test_acc", "seconds")})
     rows.sort(key=key)
