@@ -52,6 +52,21 @@ def run(data_dir: Path, mnist: MNISTTensors, tmp_path: Path):
     return _run
 
 
+def _interrupted_after_first_epoch(monkeypatch: pytest.MonkeyPatch, start: Any) -> None:
+    """Call ``start()`` (a training run) and interrupt it like Ctrl-C right after epoch 1's
+    checkpoint and metrics are written."""
+    real = T.write_metrics_csv
+
+    def interrupt(path: Path, history: Any) -> None:
+        real(path, history)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "write_metrics_csv", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        start()
+    monkeypatch.setattr(T, "write_metrics_csv", real)
+
+
 def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=True)
 
@@ -110,16 +125,7 @@ def test_resume_is_bit_identical(run, data_dir: Path, mnist: MNISTTensors, tmp_p
     run(out="straight")
 
     # The same run, interrupted (Ctrl-C) right after epoch 1's checkpoint and metrics.
-    real = T.write_metrics_csv
-
-    def interrupt(path: Path, history: Any) -> None:
-        real(path, history)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(T, "write_metrics_csv", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(out="resumed")
-    monkeypatch.setattr(T, "write_metrics_csv", real)
+    _interrupted_after_first_epoch(monkeypatch, lambda: run(out="resumed"))
     ck_path = tmp_path / "resumed" / "checkpoint.pt"
     assert _load(ck_path)["epoch"] == 1
     # Resumed with the checkpoint alone: its flags come from the checkpoint.
@@ -370,15 +376,9 @@ def test_ddp_resume(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     flags = ["--data-dir", str(data_dir), "--hidden", "32", "--limit", "1000", "--batch-size",
              "100", "--epochs", "2", "--quiet"]
     T.main([*flags, "--out", str(tmp_path / "straight"), "--threads", "1"])
-    real = T.write_metrics_csv
-
-    def interrupt(path: Path, history: Any) -> None:
-        real(path, history)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(T, "write_metrics_csv", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        T.main([*flags, "--out", str(tmp_path / "resumed"), "--threads", "1"])
+    _interrupted_after_first_epoch(
+        monkeypatch, lambda: T.main([*flags, "--out", str(tmp_path / "resumed"), "--threads", "1"])
+    )
     ck = tmp_path / "resumed" / "checkpoint.pt"
     proc = _torchrun(["--resume", str(ck), "--data-dir", str(data_dir), "--quiet"], tmp_path)
     assert "resuming" in proc.stdout and "epoch  2/2" in proc.stdout
