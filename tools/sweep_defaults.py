@@ -6,6 +6,8 @@ may run on a GPU; the CPU wall-time budget (90 s) is enforced by choosing epochs
 from CPU epoch times measured separately.
 
     python tools/sweep_defaults.py --out sweep.jsonl [--workers 6] [--device cuda]
+    python tools/sweep_defaults.py --grid cpu --workers 1 --device cpu \
+        --out sweep_cpu.jsonl [--resume]
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def run(cfg: dict, data, device: str) -> dict:
     else:
         opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     if cfg["sched"] == "onecycle":
+        # torch's default one-cycle, which also cycles momentum (train.py keeps it fixed).
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=total)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
@@ -92,7 +95,9 @@ def worker(args):
     return rows
 
 
-def grid() -> list[dict]:
+def grid(name: str = "h100") -> list[dict]:
+    """``h100``: the first round (run on the lent H100). ``cpu``: the second round, run on this
+    2-core CPU, of cheaper schedules (bigger batches, fewer epochs) that fit 90 s with margin."""
     g = []
 
     def add(hidden, batch, epochs, opt, sched, lrs, lss, l2s):
@@ -100,6 +105,13 @@ def grid() -> list[dict]:
             g.append(dict(hidden=hidden, batch=batch, epochs=epochs, opt=opt, sched=sched,
                           lr=lr, ls=ls, l2=l2))
 
+    if name == "cpu":
+        add([1024], 256, 16, "sgd", "onecycle", [0.2, 0.4], [0.1], [2e-4])
+        add([1024], 512, 20, "sgd", "onecycle", [0.8], [0.1], [2e-4])
+        add([1024], 128, 12, "sgd", "onecycle", [0.2], [0.1], [2e-4])
+        add([1024], 512, 16, "sgd", "onecycle", [0.8], [0.1], [2e-4])
+        add([1024], 256, 13, "sgd", "onecycle", [0.4], [0.1], [2e-4])
+        return [{**c, "seed": s} for c in g for s in (0, 1, 2)]
     add([1024], 128, 15, "sgd", "onecycle", [0.05, 0.1, 0.2], [0.0, 0.1], [0.0, 5e-5, 2e-4])
     add([1024], 256, 24, "sgd", "onecycle", [0.1, 0.2, 0.4], [0.1], [5e-5, 2e-4])
     add([2048], 256, 11, "sgd", "onecycle", [0.1, 0.2], [0.1], [5e-5])
@@ -115,13 +127,21 @@ def main() -> None:
     p.add_argument("--out", default="sweep.jsonl")
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grid", choices=("h100", "cpu"), default="h100")
+    p.add_argument("--resume", action="store_true",
+                   help="keep --out's rows and run only the configurations it lacks")
     a = p.parse_args()
-    Path(a.out).write_text("")
-    cfgs = grid()
+    cfgs = grid(a.grid)
+    if a.resume and Path(a.out).exists():
+        done = [json.loads(line) for line in Path(a.out).read_text().splitlines() if line]
+        seen = {json.dumps({k: r[k] for k in cfgs[0]}, sort_keys=True) for r in done}
+        cfgs = [c for c in cfgs if json.dumps(c, sort_keys=True) not in seen]
+    else:
+        Path(a.out).write_text("")
     chunks = [cfgs[k::a.workers] for k in range(a.workers)]
     with mp.get_context("spawn").Pool(a.workers) as pool:
-        parts = pool.map(worker, [(c, a.device, a.out) for c in chunks])
-    rows = [r for part in parts for r in part]
+        pool.map(worker, [(c, a.device, a.out) for c in chunks])
+    rows = [json.loads(line) for line in Path(a.out).read_text().splitlines() if line]
     key = lambda r: json.dumps({k: v for k, v in r.items()  # noqa: E731
                                 if k not in ("seed", "test_acc", "seconds")})
     rows.sort(key=key)
