@@ -483,7 +483,8 @@ class L2PenaltyFunction(Function):
     @staticmethod
     def forward(lam: float, *weights: Tensor) -> Tensor:
         # ‖W‖² as W·W over the flattened entries: one read of W and no (H, D) temporary, where
-        # W.square().sum() writes and reads a squared copy (bench/: 0.3 ms of a 784×1024 step).
+        # W.square().sum() writes and reads a squared copy (1024×784 float32 here: 65 µs
+        # against 115 µs).
         return 0.5 * lam * torch.stack([_flat(w).dot(_flat(w)) for w in weights]).sum()
 
     @staticmethod
