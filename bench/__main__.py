@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.compile:
             sc = Settings.make(args.quick, args.device, compile=True, clock=args.clock)
             results["step_compiled"] = step.run(sc, args.hidden, args.batch)
+            step.add_speedup(results["step_compiled"], results["step"])
             text.append(("Training step, torch.compile", step.render(results["step_compiled"])))
     if "ops" in args.only:
         print("## per-op forward + backward", flush=True)

@@ -40,6 +40,22 @@ def test_step_rows(results: dict) -> None:
         assert r["custom_ms"] > 0 and r["native_ms"] > 0
 
 
+def test_compiled_rows_carry_compile_time_and_speedup_over_eager() -> None:
+    from bench import step
+
+    eager = [{"H": 8, "B": 2, "custom_ms": 3.0, "native_ms": 2.0}]
+    compiled = [{"H": 8, "B": 2, "custom_ms": 1.5, "native_ms": 4.0, "ratio": 0.4,
+                 "ratio_min": 0.3, "ratio_max": 0.5, "compile_s_custom": 2.5,
+                 "compile_s_native": 1.25}]
+    step.add_speedup(compiled, eager)
+    assert compiled[0]["speedup_custom"] == 2.0 and compiled[0]["speedup_native"] == 0.5
+    text = step.render(compiled)
+    assert "compile s torch_mlp" in text and "vs eager torch.nn" in text
+    assert "| 2.5 | 1.2 | 2.00 | 0.50 |" in text
+    assert "compile s" not in step.render([{k: v for k, v in compiled[0].items()
+                                            if not k.startswith(("compile", "speedup"))}])
+
+
 def test_ops_rows(results: dict) -> None:
     ops = {r["op"] for r in results["ops"]}
     assert ops == {"linear", "relu", "cross_entropy"}
