@@ -40,8 +40,8 @@ class ReLUGradAtNegative(Function):
         return g.clone()
 
 
-class CrossEntropyWithoutMean(Function):
-    """Mean softmax-CE whose backward drops the 1/N: (p − onehot(y)) · g instead of ... / N."""
+class _MeanCrossEntropy(Function):
+    """Mean softmax-CE's forward; the subclasses below get its backward wrong, each its way."""
 
     @staticmethod
     def forward(z, y):
@@ -51,6 +51,10 @@ class CrossEntropyWithoutMean(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
+
+
+class CrossEntropyWithoutMean(_MeanCrossEntropy):
+    """Mean softmax-CE whose backward drops the 1/N: (p − onehot(y)) · g instead of ... / N."""
 
     @staticmethod
     def backward(ctx, g):
@@ -59,18 +63,9 @@ class CrossEntropyWithoutMean(Function):
         return g * dz, None  # missing / N
 
 
-class CrossEntropyDetachedBackward(Function):
+class CrossEntropyDetachedBackward(_MeanCrossEntropy):
     """Mean softmax-CE with the right first derivative, computed from a detached softmax: the
     backward is not differentiable in z, so double backward is wrong."""
-
-    @staticmethod
-    def forward(z, y):
-        logp = z - z.logsumexp(-1, keepdim=True)
-        return -logp.gather(1, y.unsqueeze(1)).mean()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g):

@@ -64,12 +64,14 @@ class LinearFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _ = inputs
-        # Save only what a requested gradient needs: x for dL/dweight, weight for dL/dx.
-        ctx.save_for_backward(
-            x if ctx.needs_input_grad[1] else None,
-            weight if ctx.needs_input_grad[0] else None,
-        )
+        ctx.save_for_backward(*LinearFunction._needed(ctx, x, weight))
         ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def _needed(ctx, x: Tensor, weight: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Only what a requested gradient needs: x for dL/dweight, weight for dL/dx."""
+        return (x if ctx.needs_input_grad[1] else None,
+                weight if ctx.needs_input_grad[0] else None)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -188,11 +190,7 @@ class LinearReLUFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _ = inputs
-        ctx.save_for_backward(
-            x if ctx.needs_input_grad[1] else None,
-            weight if ctx.needs_input_grad[0] else None,
-            output,
-        )
+        ctx.save_for_backward(*LinearFunction._needed(ctx, x, weight), output)  # Linear's + h
         ctx.save_for_forward(x, weight, output)
 
     @staticmethod
@@ -468,10 +466,6 @@ class SoftmaxCrossEntropyFunction(Function):
         return out_t if ctx.reduction == "none" else out_t.sum()
 
 
-def _flat(w: Tensor) -> Tensor:
-    return w.reshape(-1)  # a view when w is contiguous (a weight always is), else a copy
-
-
 # --------------------------------------------------------------------------------------------
 # L2 penalty: ½ λ Σ W²
 # --------------------------------------------------------------------------------------------
@@ -485,7 +479,8 @@ class L2PenaltyFunction(Function):
         # ‖W‖² as W·W over the flattened entries: one read of W and no (H, D) temporary, where
         # W.square().sum() writes and reads a squared copy (1024×784 float32 here: 65 µs
         # against 115 µs).
-        return 0.5 * lam * torch.stack([_flat(w).dot(_flat(w)) for w in weights]).sum()
+        flat = [w.reshape(-1) for w in weights]  # a view of each contiguous weight
+        return 0.5 * lam * torch.stack([f.dot(f) for f in flat]).sum()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
