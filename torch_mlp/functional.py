@@ -432,6 +432,8 @@ class SoftmaxCrossEntropyFunction(Function):
         ctx.ignore_index = ignore_index
         ctx.reduction = reduction
         ctx.label_smoothing = label_smoothing
+        # The derivation's own case: backward takes the short path, _plain_grad.
+        ctx.plain = weight is None and label_smoothing == 0 and not target.is_floating_point()
         if not torch.compiler.is_compiling():  # jvp is not traced by torch.compile anyway
             # jvp then gets None, not zeros, for an input without a tangent: a tangent on the
             # class weight can be told apart from none, and refused.
@@ -518,19 +520,20 @@ class SoftmaxCrossEntropyFunction(Function):
             dL/dz_i = s_i (p_i − onehot(y_i)),  s_i = dL/dL_i = g, or g / (number of valid rows)
 
         for the mean, and 0 on ignored rows. The general path computes the same with the
-        weight and smoothing terms at their neutral values; this one skips them (fewer ops).
+        weight and smoothing terms at their neutral values; this one skips them (fewer ops:
+        each costs a few µs of Python, most of a small step's loss).
         """
         valid = target != ctx.ignore_index  # (M,)
         if ctx.reduction == "mean":
-            g = g / torch.count_nonzero(valid)
-        # (M,) s_i; ignored rows get exactly 0, even when every row is ignored and g/0 is inf
-        s = torch.where(valid, g, 0).unsqueeze(-1)  # (M, 1)
-        p = torch.softmax(z, dim=-1)  # (M, C)
+            g = g / valid.sum()
+        # (M, 1) s_i; ignored rows get exactly 0, even when every row is ignored and g/0 is inf
+        s = torch.where(valid, g, 0).unsqueeze(-1)
         # (M, 1) an index in [0, C) on every row: the forward's nll_loss has refused any
         # target outside it but ignore_index, and ignored rows scatter s_i = 0 wherever they land.
         y = target.clamp(0, z.shape[-1] - 1).unsqueeze(-1)
-        # s_i p_i − s_i onehot(y_i): the one-hot part is scattered into place, never built.
-        return (p * s).scatter_add(-1, y, -s)  # (M, C)
+        # s_i p_i − s_i onehot(y_i): the one-hot part is scattered into place, never built, and
+        # into s_i p_i itself, a fresh tensor of ours.
+        return (torch.softmax(z, dim=-1) * s).scatter_add_(-1, y, -s)  # (M, C)
 
     @staticmethod
     def backward(ctx, g: Tensor | None):
@@ -538,7 +541,7 @@ class SoftmaxCrossEntropyFunction(Function):
             return None, None, None, None, None, None
         z, target, weight = ctx.saved_tensors
         grad_z = grad_target = None
-        if weight is None and ctx.label_smoothing == 0 and not target.is_floating_point():
+        if ctx.plain:
             if ctx.needs_input_grad[0]:
                 grad_z = SoftmaxCrossEntropyFunction._plain_grad(ctx, z, target, g)
             return grad_z, None, None, None, None, None
