@@ -1,5 +1,4 @@
-"""MLP's fused paths (whole network, Linear → ReLU pair, none): when each runs, and that they
-change nothing but the speed and the backward's peak memory, by a bounded amount."""
+"""MLP's fused Linear → ReLU path: when it runs, and that it changes nothing but the speed."""
 
 from __future__ import annotations
 
@@ -9,50 +8,24 @@ from torch import nn
 
 import torch_mlp
 
-FUSE = torch_mlp.MLP.FUSE_MAX_ELEMENTS
 
-
-def _path(model: torch_mlp.MLP, x: torch.Tensor) -> str:
-    """Which path ran: 'whole' (one MLPFunction), 'pair' (LinearReLUFunction under the last
-    Linear) or 'modules' (a separate ReLUFunction there)."""
-    node = model(x).grad_fn
-    name = type(node).__name__
-    if name.startswith("_MLPFunction"):
-        return "whole"
-    below = type(node.next_functions[0][0]).__name__  # what produced the last Linear's input
-    if below.startswith("_LinearReLUFunction"):
-        return "pair"
-    assert below.startswith("_ReLUFunction"), below
-    return "modules"
+def _last_hidden_node(model: torch_mlp.MLP, x: torch.Tensor) -> str:
+    """The backward node that produced the last Linear's input: the last hidden layer's."""
+    return type(model(x).grad_fn.next_functions[0][0]).__name__
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_small_networks_run_as_one_function(batch: int) -> None:
+def test_small_pairs_are_fused(batch: int) -> None:
     torch.manual_seed(0)
     model = torch_mlp.MLP(6, [5, 3], 2)
-    assert _path(model, torch.randn(batch, 6)) == "whole"
-
-
-def test_the_whole_network_limit_is_rows_times_all_hidden_features() -> None:
-    torch.manual_seed(0)
-    model = torch_mlp.MLP(6, [5, 3], 2)  # Σ hidden = 8
-    rows = FUSE // 8
-    assert _path(model, torch.randn(rows, 6)) == "whole"
-    assert _path(model, torch.randn(rows + 1, 6)) == "pair"  # each pair still small enough
+    assert _last_hidden_node(model, torch.randn(batch, 6)).startswith("_LinearReLUFunction")
 
 
 def test_large_pairs_are_not_fused() -> None:
     torch.manual_seed(0)
     model = torch_mlp.MLP(6, 5, 2)
-    assert _path(model, torch.randn(FUSE // 2 // 5, 6)) == "whole"
-    assert _path(model, torch.randn(FUSE // 5 + 1, 6)) == "modules"
-
-
-def test_leading_dims_count_as_rows() -> None:
-    torch.manual_seed(0)
-    model = torch_mlp.MLP(6, 5, 2)
-    assert _path(model, torch.randn(2, FUSE // 10, 6)) == "whole"
-    assert _path(model, torch.randn(2, FUSE // 5, 6)) == "modules"
+    rows = torch_mlp.MLP.FUSE_MAX_ELEMENTS // 5 + 1
+    assert _last_hidden_node(model, torch.randn(rows, 6)).startswith("_ReLUFunction")
 
 
 def test_hooks_turn_fusion_off_and_see_every_module() -> None:
@@ -61,39 +34,15 @@ def test_hooks_turn_fusion_off_and_see_every_module() -> None:
     seen = []
     handle = model[1].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
     try:
-        assert _path(model, torch.randn(3, 6)) == "modules"
+        assert _last_hidden_node(model, torch.randn(3, 6)).startswith("_ReLUFunction")
     finally:
         handle.remove()
     assert seen == ["ReLU"]
-    assert _path(model, torch.randn(3, 6)) == "whole"
 
 
-def test_a_hook_on_one_layer_keeps_the_other_pairs_fused() -> None:
-    torch.manual_seed(0)
-    model = torch_mlp.MLP(6, [5, 3], 2)
-    handle = model[0].register_forward_pre_hook(lambda m, i: None)
-    try:
-        # the first pair runs module by module; the second (under the last Linear) is fused
-        assert _path(model, torch.randn(3, 6)) == "pair"
-    finally:
-        handle.remove()
-
-
-def test_a_changed_layer_turns_whole_fusion_off_and_runs() -> None:
-    torch.manual_seed(0)
-    model = torch_mlp.MLP(6, [5, 3], 2)
-    native = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.ReLU(),
-                           nn.Linear(3, 2))
-    native.load_state_dict(model.state_dict())
-    model[1] = nn.Tanh()
-    x = torch.randn(4, 6)
-    assert _path(model, x) == "pair"
-    torch.testing.assert_close(model(x), native(x))
-
-
-@pytest.mark.parametrize("rows", [3, FUSE // 12 + 1, FUSE // 4 + 1],
-                         ids=["whole", "pair", "modules"])
-def test_every_path_matches_native(rows: int) -> None:
+@pytest.mark.parametrize("rows", [3, torch_mlp.MLP.FUSE_MAX_ELEMENTS // 8 + 1],
+                         ids=["fused", "unfused"])
+def test_fused_and_unfused_match_native(rows: int) -> None:
     torch.manual_seed(0)
     ours = torch_mlp.MLP(6, [8, 4], 3, dtype=torch.float64)
     native = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(),
@@ -101,8 +50,6 @@ def test_every_path_matches_native(rows: int) -> None:
     native.load_state_dict(ours.state_dict())
     x = torch.randn(rows, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (rows,))
-    expected_path = {3: "whole", FUSE // 12 + 1: "pair", FUSE // 4 + 1: "modules"}[rows]
-    assert _path(ours, x) == expected_path
     for model in (ours, native):
         torch.nn.functional.cross_entropy(model(x), y).backward()
     for a, b in zip(ours.parameters(), native.parameters()):
@@ -110,50 +57,50 @@ def test_every_path_matches_native(rows: int) -> None:
     torch.testing.assert_close(ours(x), native(x))
 
 
-def test_whole_network_input_gradient_and_no_bias_match_native() -> None:
+# --------------------------------------------------------------------------------------------
+# functional.mlp: the whole network as one Function (opt-in; MLP itself does not use it)
+# --------------------------------------------------------------------------------------------
+def _params(model: torch_mlp.MLP) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    return [m.weight for m in model.linears()], [m.bias for m in model.linears()]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_functional_mlp_matches_native_module_by_module(bias: bool) -> None:
     torch.manual_seed(0)
-    ours = torch_mlp.MLP(6, [8, 4], 3, bias=False, dtype=torch.float64)
-    native = nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 4, bias=False),
-                           nn.ReLU(), nn.Linear(4, 3, bias=False)).double()
+    ours = torch_mlp.MLP(6, [8, 4], 3, bias=bias, dtype=torch.float64)
+    native = nn.Sequential(nn.Linear(6, 8, bias=bias), nn.ReLU(), nn.Linear(8, 4, bias=bias),
+                           nn.ReLU(), nn.Linear(4, 3, bias=bias)).double()
     native.load_state_dict(ours.state_dict())
     x = torch.randn(5, 6, dtype=torch.float64)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    assert _path(ours, xa) == "whole"
-    ours(xa).square().sum().backward()
+    out = torch_mlp.functional.mlp(xa, *_params(ours))
+    assert type(out.grad_fn).__name__.startswith("_MLPFunction")
+    out.square().sum().backward()
     native(xb).square().sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad)
     for a, b in zip(ours.parameters(), native.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def _saved(model: nn.Module, x: torch.Tensor) -> set[int]:
-    """Storages (by data pointer) that the forward saves for backward."""
-    ptrs: set[int] = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptrs.add(t.untyped_storage().data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return ptrs
-
-
-def test_whole_network_saves_what_native_saves_or_less() -> None:
+def test_functional_mlp_saves_what_native_saves() -> None:
     torch.manual_seed(0)
     ours = torch_mlp.MLP(6, [8, 4], 3)
     native = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(),
                            nn.Linear(4, 3))
-    native.load_state_dict(ours.state_dict())
     x = torch.randn(5, 6)
-    assert _path(ours, x) == "whole"
-    # x, the weights W_2 and W_3 (W_1 is not needed: x wants no gradient), h_1 and h_2
-    assert len(_saved(ours, x)) == len(_saved(native, x)) == 5
+    ptrs: list[set[int]] = [set(), set()]
+    for k, run in enumerate((lambda: torch_mlp.functional.mlp(x, *_params(ours)),
+                             lambda: native(x))):
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, k=k: ptrs[k].add(t.untyped_storage().data_ptr()) or t, lambda t: t):
+            run()
+    # x, W_2 and W_3 (W_1 is not needed: x wants no gradient), h_1 and h_2
+    assert len(ptrs[0]) == len(ptrs[1]) == 5
 
 
-def test_whole_network_backward_overwrites_no_incoming_or_saved_tensor() -> None:
-    # The hidden gradients are computed in place only in tensors the backward made itself:
-    # a second backward (retain_graph) and a use of h_k's own gradient still give native's.
+def test_functional_mlp_backward_overwrites_no_incoming_or_saved_tensor() -> None:
+    # dL/du is written over dL/dh only in tensors the backward made itself: a second backward
+    # through the same graph (retain_graph) still gives native's gradients.
     torch.manual_seed(0)
     ours = torch_mlp.MLP(6, [8, 4], 3, dtype=torch.float64)
     native = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(),
@@ -161,7 +108,7 @@ def test_whole_network_backward_overwrites_no_incoming_or_saved_tensor() -> None
     native.load_state_dict(ours.state_dict())
     x = torch.randn(5, 6, dtype=torch.float64)
     g = torch.randn(5, 3, dtype=torch.float64)
-    la, lb = ours(x), native(x)
+    la, lb = torch_mlp.functional.mlp(x, *_params(ours)), native(x)
     for _ in range(2):
         ga = torch.autograd.grad(la, list(ours.parameters()), g, retain_graph=True)
         gb = torch.autograd.grad(lb, list(native.parameters()), g, retain_graph=True)
@@ -189,3 +136,18 @@ def test_hidden_outputs_gradients_add_in_like_native(eager: bool) -> None:
     ref = torch.autograd.grad(nz.square().sum() + nh1.square().sum() + (nh2 * 3).sum(), t)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, w: torch_mlp.functional.mlp(x, []), "at least one weight"),
+    (lambda x, w: torch_mlp.functional.mlp(x, [w], [None, None]), "one bias"),
+    (lambda x, w: torch_mlp.functional.mlp(x, [w, w]), r"weights\[0\]'s out_features \(5\)"),
+    (lambda x, w: torch_mlp.functional.mlp(x, [w.t()]), r"input's last dimension \(6\)"),
+    (lambda x, w: torch_mlp.functional.mlp(x, [w], [torch.zeros(4)]), r"biases\[0\] of shape"),
+    (lambda x, w: torch_mlp.functional.mlp(x, [w[0]]), r"weights\[0\] to be 2-D"),
+    (lambda x, w: torch_mlp.functional.mlp(x.double(), [w]), "same dtype"),
+], ids=["none", "bias-count", "chain", "input", "bias-shape", "1-d", "dtype"])
+def test_functional_mlp_bad_input_raises_clear_error(call, match) -> None:
+    x, w = torch.randn(3, 6), torch.randn(5, 6)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call(x, w)

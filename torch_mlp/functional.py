@@ -241,7 +241,9 @@ class MLPFunction(Function):
     It saves what the layer-by-layer path saves: x (for dL/dW_1), each W_k whose input needs a
     gradient, and every h_k (the next Linear's input and the ReLU mask at once). But it holds
     the h_k until its backward returns, where that path frees each after its ReLU's backward:
-    its backward peak is higher by up to N·Σ H_k entries; ``MLP`` fuses only small layers.
+    its backward peak is higher by up to N·Σ H_k entries. ``MLP`` does not use it: on 2 CPU
+    cores a step through it was 0-2% faster than through ``MLP``'s Linear+ReLU pair path (within
+    the machine's noise), which did not pay for that memory.
     """
 
     generate_vmap_rule = True
@@ -836,7 +838,7 @@ def mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | 
                 f"mlp: expected biases[{k}] of shape ({w.shape[0]},) to match weights[{k}] "
                 f"{_shape(w)}, got {_shape(b)}"
             )
-        width, what = w.shape[0], f"weights[{k - 1 + 1}]'s out_features"
+        width, what = w.shape[0], f"weights[{k}]'s out_features"
     params = [t for pair in zip(weights, biases) for t in pair]
     cast = _autocast_dtype(x)
     if cast is not None:

@@ -188,8 +188,8 @@ class MLP(nn.Sequential):
         >>> loss = F.cross_entropy(model(x), y) + model.l2_penalty(1e-4)
     """
 
-    # 2**17 entries: 512 KiB in float32, e.g. batch 128 × 1024 hidden units. See forward.
-    FUSE_MAX_ELEMENTS = 2**17
+    # 2**16 float32 entries: 256 KiB, e.g. batch 128 × 512 hidden units. See forward.
+    FUSE_MAX_ELEMENTS = 2**16
 
     def __init__(
         self,
@@ -215,47 +215,25 @@ class MLP(nn.Sequential):
         self.sizes = tuple(sizes)
 
     def forward(self, input: Tensor) -> Tensor:
-        """The layers in order, as ``nn.Sequential`` runs them, with the same values and
-        gradients, but fused where that is cheap in memory:
+        """The layers in order, as ``nn.Sequential`` runs them, except that a Linear → ReLU
+        pair with a small output runs as one fused Function,
+        :func:`torch_mlp.functional.linear_relu`: the same values and gradients with one Python
+        forward and backward less per hidden layer.
 
-        - the whole network as one Function, :func:`torch_mlp.functional.mlp`, when its hidden
-          activations are small: rows × Σ hidden features ≤ ``FUSE_MAX_ELEMENTS``;
-        - else each Linear → ReLU pair with rows × its features ≤ ``FUSE_MAX_ELEMENTS // 2``,
-          as :func:`torch_mlp.functional.linear_relu`;
-        - else module by module.
-
-        Fusing saves one Python forward and backward per fused layer, a large part of a small
-        step and nothing measurable of a large one. Its price is the backward's peak memory:
-        the whole-network Function holds every hidden activation until it returns (one
-        rows × H buffer more per layer than module by module, which frees each after its ReLU),
-        a fused pair holds its input's gradient too (two more); both bounds keep the extra at
-        512 KiB in float32. A network whose modules carry hooks (or while any global module
-        hook is set) runs those modules one by one, so that the hooks see what they would see.
-        """
+        Small: at most ``FUSE_MAX_ELEMENTS`` entries in the (N, H) output. The fused backward
+        holds h and dL/dh until it returns, where the pair frees them after ReLU's backward, so
+        fusing raises the step's peak memory by about two (N, H) tensors; the Python work it
+        saves is a large part of a small step and nothing measurable of a large one. A pair
+        whose modules carry hooks (or while any global module hook is set) runs module by
+        module, so that the hooks see what they would see."""
         layers = list(self._modules.values())
-        if input.dim() == 0 or _global_hooks():
-            return self._by_module(input, layers, fuse_pairs=False)
-        rows = input.numel() // max(input.shape[-1], 1)
-        if self._plain(layers) and rows * sum(
-                m.out_features for m in layers[0:-1:2]) <= self.FUSE_MAX_ELEMENTS:
-            return F.mlp(input, [m.weight for m in layers[::2]], [m.bias for m in layers[::2]])
-        return self._by_module(input, layers, fuse_pairs=True)
-
-    @staticmethod
-    def _plain(layers: list[nn.Module]) -> bool:
-        """Linear, ReLU, Linear, ..., Linear, exactly those types and without hooks."""
-        return (len(layers) % 2 == 1
-                and all(type(m) is Linear for m in layers[::2])
-                and all(type(m) is ReLU for m in layers[1::2])
-                and not any(_hooks(m) for m in layers))
-
-    def _by_module(self, x: Tensor, layers: list[nn.Module], fuse_pairs: bool) -> Tensor:
-        i, n = 0, len(layers)
+        fuse = input.dim() > 0 and not _global_hooks()
+        x, i, n = input, 0, len(layers)
         while i < n:
             m = layers[i]
-            if (fuse_pairs and i + 1 < n and type(m) is Linear and type(layers[i + 1]) is ReLU
+            if (fuse and i + 1 < n and type(m) is Linear and type(layers[i + 1]) is ReLU
                     and x.numel() // max(x.shape[-1], 1) * m.out_features
-                    <= self.FUSE_MAX_ELEMENTS // 2
+                    <= self.FUSE_MAX_ELEMENTS
                     and not _hooks(m) and not _hooks(layers[i + 1])):
                 x = F.linear_relu(x, m.weight, m.bias)
                 i += 2
