@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from . import e2e, memory, ops, roofline, step
+from . import e2e, memory, ops, roofline, split, step
 from .common import BATCH, HIDDEN, Settings, load, machine_info
 
-SECTIONS = ("step", "ops", "memory", "roofline", "e2e")
+SECTIONS = ("step", "split", "ops", "memory", "roofline", "e2e")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 
 
@@ -33,6 +33,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"hidden sizes H (default: {' '.join(map(str, HIDDEN))})")
     p.add_argument("--batch", type=int, nargs="+", default=list(BATCH),
                    help=f"batch sizes B (default: {' '.join(map(str, BATCH))})")
+    p.add_argument("--split", nargs="+", default=[f"{h}x{b}" for h, b in split.DEFAULT_SHAPES],
+                   metavar="HxB", help="shapes of the split section (default: "
+                   + " ".join(f"{h}x{b}" for h, b in split.DEFAULT_SHAPES) + ")")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -44,6 +47,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    try:
+        split_shapes = [split.parse_shape(t) for t in args.split]
+    except ValueError as e:
+        raise SystemExit(f"python -m bench: --split: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     s = Settings.make(args.quick, args.device, clock=args.clock)
@@ -53,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {"quick": args.quick, "warmup": s.warmup, "rounds": s.rounds,
                      "min_time_s": s.min_time_s, "hidden": args.hidden, "batch": args.batch,
+                     "split": split_shapes,
                      "sections": args.only, "compile": args.compile,
                      "clock": args.clock},
     }
@@ -72,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results["step_compiled"] = step.run(sc, args.hidden, args.batch)
             step.add_speedup(results["step_compiled"], results["step"])
             text.append(("Training step, torch.compile", step.render(results["step_compiled"])))
+    if "split" in args.only:
+        print("## where the time goes: model and loss swapped one at a time", flush=True)
+        results["split"] = split.run(s, split_shapes)
+        text.append(("Where the time goes: each phase, with the model and the loss swapped "
+                     "one at a time", split.render(results["split"])))
     if "ops" in args.only:
         print("## per-op forward + backward", flush=True)
         results["ops"] = ops.run(s, args.quick)

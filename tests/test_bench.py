@@ -18,7 +18,8 @@ STEP_KEYS = {"H", "B", "custom_ms", "native_ms", "ratio", "ratio_min", "ratio_ma
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     bench_main.main(["--quick", "--hidden", "16", "--batch", "1", "4",
-                     "--only", "step", "ops", "memory", "roofline", "--out", str(out)])
+                     "--only", "step", "split", "ops", "memory", "roofline", "--split", "16x2",
+                     "--out", str(out)])
     with open(out) as f:
         return json.load(f)
 
@@ -54,6 +55,30 @@ def test_compiled_rows_carry_compile_time_and_speedup_over_eager() -> None:
     assert "| 2.5 | 1.2 | 2.00 | 0.50 |" in text
     assert "compile s" not in step.render([{k: v for k, v in compiled[0].items()
                                             if not k.startswith(("compile", "speedup"))}])
+
+
+def test_split_rows_cover_the_four_model_loss_pairs_against_native(results: dict) -> None:
+    rows = results["split"]
+    assert results["settings"]["split"] == [[16, 2]]
+    pairs = [(r["model"], r["loss"]) for r in rows]
+    assert sorted(pairs) == sorted((m, lf) for m in ("torch_mlp", "torch.nn")
+                                   for lf in ("torch_mlp", "torch.nn"))
+    for r in rows:
+        assert (r["H"], r["B"]) == (16, 2)
+        assert all(r[f"{p}_ms"] > 0 for p in ("forward", "loss", "backward", "step", "total"))
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    # Each ratio is taken against torch.nn's own step, round by round: exactly 1 for itself.
+    native = next(r for r in rows if r["model"] == r["loss"] == "torch.nn")
+    assert native["ratio"] == native["ratio_min"] == native["ratio_max"] == 1.0
+
+
+@pytest.mark.parametrize("text", ["256", "256x", "axb", "0x4", "256x128x2"])
+def test_split_shape_must_be_h_x_b(text: str) -> None:
+    from bench.split import parse_shape
+
+    assert parse_shape("256X128") == (256, 128)
+    with pytest.raises(ValueError, match=r"HxB|positive"):
+        parse_shape(text)
 
 
 def test_ops_rows(results: dict) -> None:
