@@ -19,6 +19,13 @@ SECTIONS = ("step", "split", "ops", "memory", "roofline", "e2e")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 
 
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        return split.parse_shape(text)
+    except ValueError as e:  # argparse then names the option and exits with status 2
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true",
@@ -33,7 +40,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"hidden sizes H (default: {' '.join(map(str, HIDDEN))})")
     p.add_argument("--batch", type=int, nargs="+", default=list(BATCH),
                    help=f"batch sizes B (default: {' '.join(map(str, BATCH))})")
-    p.add_argument("--split", nargs="+", default=[f"{h}x{b}" for h, b in split.DEFAULT_SHAPES],
+    p.add_argument("--split", nargs="+", type=_shape, default=list(split.DEFAULT_SHAPES),
                    metavar="HxB", help="shapes of the split section (default: "
                    + " ".join(f"{h}x{b}" for h, b in split.DEFAULT_SHAPES) + ")")
     p.add_argument("--threads", type=int, default=None,
@@ -47,10 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    try:
-        split_shapes = [split.parse_shape(t) for t in args.split]
-    except ValueError as e:
-        raise SystemExit(f"python -m bench: --split: {e}") from None
+    split_shapes = args.split
     if args.threads:
         torch.set_num_threads(args.threads)
     s = Settings.make(args.quick, args.device, clock=args.clock)
