@@ -120,3 +120,18 @@ def test_saved_bytes_counts_a_shared_storage_once() -> None:
     r = saved_bytes(Twice(), Loss(), x, torch.zeros(8))
     assert r["tensors"] == 2
     assert r["naive"] == 2 * r["unique"] == 2 * 8 * 4 * 4
+
+
+def test_e2e_pairs_each_loop_time_with_a_train_py_epoch() -> None:
+    from bench import e2e
+
+    rows = e2e.run(quick=True)
+    train_row, loop_row = rows
+    assert train_row["pairs"] == loop_row["pairs"] == 1
+    assert train_row["ratio_min"] <= train_row["ratio"] <= train_row["ratio_max"]
+    assert loop_row["speedup_min"] <= loop_row["speedup"] <= loop_row["speedup_max"]
+    assert loop_row["images_timed"] == 20 * 64
+    # The speedup is the loop's epoch over train.py's, pair by pair: one pair, so exactly that.
+    assert loop_row["speedup"] == pytest.approx(
+        loop_row["dataloader_s_per_epoch"] / train_row["custom_s_per_epoch"])
+    assert "× slower (" in e2e.render(rows)
