@@ -1,11 +1,12 @@
 """Benchmarks of torch_mlp against torch.nn: ``make bench`` (``python -m bench``).
 
 Sections (``--only``): ``step`` training step (plus the compiled step with ``--compile``),
-``ops`` per-op forward+backward, ``memory`` saved-for-backward bytes and step peak,
+``split`` the step by phase with the model and the loss swapped one at a time (``--split``
+shapes), ``ops`` per-op forward+backward, ``memory`` saved-for-backward bytes and step peak,
 ``roofline`` the step against its GEMMs alone, ``e2e`` seconds per MNIST epoch of train.py.
 Custom and native always run in one process, interleaved, after a warm-up; ratios are
 custom/native per interleaved pair. Never part of ``make test``: tests/test_bench.py only checks
-that a ``--quick`` run writes a well-formed results.json.
+that ``--quick`` runs write well-formed results.
 """
 
 import os
