@@ -54,7 +54,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    split_shapes = args.split
     if args.threads:
         torch.set_num_threads(args.threads)
     s = Settings.make(args.quick, args.device, clock=args.clock)
@@ -64,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {"quick": args.quick, "warmup": s.warmup, "rounds": s.rounds,
                      "min_time_s": s.min_time_s, "hidden": args.hidden, "batch": args.batch,
-                     "split": split_shapes,
+                     "split": args.split,
                      "sections": args.only, "compile": args.compile,
                      "clock": args.clock},
     }
@@ -86,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             text.append(("Training step, torch.compile", step.render(results["step_compiled"])))
     if "split" in args.only:
         print("## where the time goes: model and loss swapped one at a time", flush=True)
-        results["split"] = split.run(s, split_shapes)
+        results["split"] = split.run(s, args.split)
         text.append(("Where the time goes: each phase, with the model and the loss swapped "
                      "one at a time", split.render(results["split"])))
     if "ops" in args.only:

@@ -9,12 +9,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 import torch_mlp
+
+T = TypeVar("T")
 
 # The issue's grid: MLP 784-H-10, hidden sizes × batch sizes.
 D_IN, N_CLASSES = 784, 10
@@ -69,37 +71,48 @@ def _calibrate(fn: Callable[[], Any], device: torch.device, min_time_s: float) -
         n = max(n * 2, int(n * min_time_s / max(dt, 1e-9) * 1.2))
 
 
-def interleaved(fns: Sequence[Callable[[], Any]], s: Settings) -> list[list[float]]:
-    """Time several callables in one process, round-robin A, B, (C,) A, B, ... after a warm-up.
+def round_robin(fns: Sequence[Callable[[], Any]], s: Settings,
+                measure: Callable[[int, Callable[[], Any], int], T]) -> list[list[T]]:
+    """Run several callables in one process, round-robin A, B, (C,) A, B, ... after a warm-up.
 
-    Returns one list of seconds-per-call per callable, entry r of each taken in round r, so
-    entries with the same index are neighbours in time (a pair, for two callables). Each entry
-    is the mean over ``n`` back-to-back calls, ``n`` calibrated once per callable; the garbage
-    collector is off while timing, as in ``timeit``.
+    Each turn is ``measure(k, fn, n)`` for callable k, which calls ``fn`` ``n`` times back to
+    back (``n`` calibrated once per callable) and returns what it measured. Returns one list
+    per callable, entry r of each taken in round r, so entries with the same index are
+    neighbours in time (a pair, for two callables). The garbage collector is off while timing,
+    as in ``timeit``.
     """
     for fn in fns:
         for _ in range(s.warmup):
             fn()
     sync(s.device)
     ns = [_calibrate(fn, s.device, s.min_time_s) for fn in fns]
-    timer = s.timer
-    times: list[list[float]] = [[] for _ in fns]
+    out: list[list[T]] = [[] for _ in fns]
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for _ in range(s.rounds):
             for k, (fn, n) in enumerate(zip(fns, ns)):
-                sync(s.device)
-                t0 = timer()
-                for _ in range(n):
-                    fn()
-                sync(s.device)
-                times[k].append((timer() - t0) / n)
+                out[k].append(measure(k, fn, n))
     finally:
         if gc_was_enabled:
             gc.enable()
-    return times
+    return out
+
+
+def interleaved(fns: Sequence[Callable[[], Any]], s: Settings) -> list[list[float]]:
+    """:func:`round_robin` with each turn timed as a whole: seconds per call, per round."""
+    timer = s.timer
+
+    def timed(_k: int, fn: Callable[[], Any], n: int) -> float:
+        sync(s.device)
+        t0 = timer()
+        for _ in range(n):
+            fn()
+        sync(s.device)
+        return (timer() - t0) / n
+
+    return round_robin(fns, s, timed)
 
 
 def compare(custom: list[float], native: list[float]) -> dict[str, float]:

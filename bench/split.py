@@ -11,7 +11,6 @@ ratios slightly towards 1: the step section (1) is the reference for the ratios 
 
 from __future__ import annotations
 
-import gc
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ from torch import nn
 
 import torch_mlp
 
-from .common import Settings, _calibrate, make_batch, make_models, sync, table
+from .common import Settings, make_batch, make_models, round_robin, sync, table
 
 PHASES = ("forward", "loss", "backward", "step")
 DEFAULT_SHAPES = ((256, 1), (256, 128), (1024, 128))
@@ -68,6 +67,19 @@ def phased_step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.
     return step, acc
 
 
+def _phase_means(accs: list[list[float]]) -> Callable[[int, Callable[[], None], int], list[float]]:
+    """A :func:`round_robin` turn for phased steps: each phase's seconds per call, this turn's
+    calls only (``accs[k]`` is step k's accumulator, from :func:`phased_step`)."""
+    def measure(k: int, fn: Callable[[], None], n: int) -> list[float]:
+        acc = accs[k]
+        acc[:] = [0.0] * len(PHASES)
+        for _ in range(n):
+            fn()
+        return [t / n for t in acc]
+
+    return measure
+
+
 def run(s: Settings, shapes: list[tuple[int, int]]) -> list[dict[str, Any]]:
     rows = []
     for H, B in shapes:
@@ -79,25 +91,9 @@ def run(s: Settings, shapes: list[tuple[int, int]]) -> list[dict[str, Any]]:
             ("torch.nn", "torch_mlp"): (native, torch_mlp.CrossEntropyLoss()),
             ("torch.nn", "torch.nn"): (native, nn.CrossEntropyLoss()),
         }
-        steps = {k: phased_step(m, lf, x, y, s.timer, s.device) for k, (m, lf) in combos.items()}
-        for fn, _ in steps.values():
-            for _ in range(s.warmup):
-                fn()
-        n = max(_calibrate(fn, s.device, s.min_time_s) for fn, _ in steps.values())
-        phases: dict[tuple[str, str], list[list[float]]] = {k: [] for k in steps}
-        gc.collect()
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            for _ in range(s.rounds):  # A, B, C, D, A, B, C, D, ...: neighbours in time
-                for k, (fn, acc) in steps.items():
-                    acc[:] = [0.0] * len(PHASES)
-                    for _ in range(n):
-                        fn()
-                    phases[k].append([t / n for t in acc])
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        steps = [phased_step(m, lf, x, y, s.timer, s.device) for m, lf in combos.values()]
+        per_combo = round_robin([fn for fn, _ in steps], s, _phase_means([a for _, a in steps]))
+        phases = dict(zip(combos, per_combo))
         base = [sum(p) for p in phases[("torch.nn", "torch.nn")]]
         for (model_impl, loss_impl), per_round in phases.items():
             ratios = [sum(p) / b for p, b in zip(per_round, base)]
