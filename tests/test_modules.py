@@ -1,10 +1,9 @@
 """torch_mlp's modules against torch.nn's: constructors, initialisation, repr, state_dicts,
-forward/backward parity, the MLP (with its L2 term) against a native nn.Sequential, convert(),
+forward/backward parity, the MLP (with its L2 term) against a native nn.Sequential,
 torch.func over the MLP, and bad input."""
 
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 
@@ -362,153 +361,6 @@ def test_torch_func_per_sample_grads_of_mlp_match_native_loop():
         TF.cross_entropy(native(x[i : i + 1]), y[i : i + 1]).backward()
         for k, p in native.named_parameters():
             torch.testing.assert_close(per_sample[k][i], p.grad, msg=k)
-
-
-# --------------------------------------------------------------------------------------------
-# convert()
-# --------------------------------------------------------------------------------------------
-class _SubLinear(nn.Linear):
-    """A subclass of nn.Linear: convert() must leave it alone (its behaviour may differ)."""
-
-
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.act = nn.ReLU()
-        self.norm = nn.LayerNorm(8)
-
-    def forward(self, x):
-        return self.norm(self.act(self.fc(x)))
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Tanh())
-        self.blocks = nn.ModuleList([_Block(), _Block()])
-        self.head = nn.Linear(8, 4, bias=False)
-        self.extra = _SubLinear(4, 4)
-        self.loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.0]),
-                                        label_smoothing=0.1)
-
-    def forward(self, x, y):
-        h = self.stem(x)
-        for b in self.blocks:
-            h = b(h)
-        return self.loss(self.extra(self.head(h)), y)
-
-
-def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.grad.clone() for k, p in model.named_parameters()}
-
-
-def test_convert_swaps_nested_modules_and_keeps_outputs_and_gradients():
-    model = _Net()
-    reference = copy.deepcopy(model)
-    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
-    params_before = dict(model.named_parameters())
-    untouched = {"stem.2": model.stem[2], "blocks.0.norm": model.blocks[0].norm,
-                 "extra": model.extra}
-
-    out = torch_mlp.convert(model)
-    assert out is model
-    assert type(model.stem[0]) is torch_mlp.Linear
-    assert type(model.stem[1]) is torch_mlp.ReLU
-    assert all(type(b.fc) is torch_mlp.Linear and type(b.act) is torch_mlp.ReLU
-               for b in model.blocks)
-    assert type(model.head) is torch_mlp.Linear and model.head.bias is None
-    assert type(model.loss) is torch_mlp.CrossEntropyLoss
-    assert model.loss.label_smoothing == 0.1
-    # Everything else is untouched, the nn.Linear subclass included.
-    for name, module in untouched.items():
-        assert model.get_submodule(name) is module
-    assert type(model.extra) is _SubLinear
-    assert isinstance(model.blocks, nn.ModuleList)
-    # The very same parameter objects, under the same names.
-    params_after = dict(model.named_parameters())
-    assert params_after.keys() == params_before.keys()
-    assert all(params_after[k] is params_before[k] for k in params_before)
-    assert model.state_dict().keys() == reference.state_dict().keys()
-
-    loss, ref_loss = model(x, y), reference(x, y)
-    torch.testing.assert_close(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    ga, gb = _grads(model), _grads(reference)
-    for k in ga:
-        torch.testing.assert_close(ga[k], gb[k], msg=k)
-
-
-def test_convert_keeps_an_existing_optimizer_working():
-    model = _Net()
-    reference = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # built before the swap
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
-    torch_mlp.convert(model)
-    head_before = model.head.weight.detach().clone()
-    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
-    for m, o in ((model, opt), (reference, ref_opt)):
-        o.zero_grad()
-        m(x, y).backward()
-        o.step()
-    assert not torch.equal(model.head.weight, head_before)  # the old optimizer moved them
-    for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
-        torch.testing.assert_close(a, b, msg=k)
-
-
-def test_convert_to_native_goes_back():
-    model = _Net()
-    params = dict(model.named_parameters())
-    torch_mlp.convert(model)
-    torch_mlp.convert(model, to_native=True)
-    assert type(model.stem[0]) is nn.Linear and type(model.stem[1]) is nn.ReLU
-    assert all(type(b.fc) is nn.Linear for b in model.blocks)
-    assert type(model.loss) is nn.CrossEntropyLoss
-    assert model.loss.label_smoothing == 0.1
-    assert torch.equal(model.loss.weight, torch.tensor([1.0, 2.0, 0.5, 1.0]))
-    assert all(dict(model.named_parameters())[k] is p for k, p in params.items())
-
-
-def test_convert_mlp_to_native_and_back_matches():
-    model = torch_mlp.MLP(6, [5], 3)
-    x = torch.randn(4, 6)
-    expected = model(x)
-    torch_mlp.convert(model, to_native=True)
-    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
-    torch.testing.assert_close(model(x), expected)
-
-
-@pytest.mark.parametrize(
-    ("make", "twin"),
-    [
-        (lambda: nn.Linear(3, 2), torch_mlp.Linear),
-        (lambda: nn.ReLU(inplace=True), torch_mlp.ReLU),
-        (lambda: nn.CrossEntropyLoss(reduction="sum", ignore_index=2), torch_mlp.CrossEntropyLoss),
-    ],
-    ids=["Linear", "ReLU-inplace", "CrossEntropyLoss"],
-)
-def test_convert_a_bare_module_returns_its_twin(make, twin):
-    native = make()
-    ours = torch_mlp.convert(native)
-    assert type(ours) is twin
-    assert ours.extra_repr() == native.extra_repr()
-    for (k, a), (_, b) in zip(ours.named_parameters(), native.named_parameters()):
-        assert a is b, k
-
-
-def test_convert_keeps_device_dtype_and_training_mode():
-    model = nn.Sequential(nn.Linear(3, 4, dtype=torch.float64), nn.ReLU()).eval()
-    torch_mlp.convert(model)
-    assert model[0].weight.dtype == torch.float64
-    assert not model[0].training and not model[1].training
-
-
-def test_convert_leaves_unrelated_model_alone():
-    model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Tanh())
-    children = list(model)
-    assert torch_mlp.convert(model) is model
-    assert list(model) == children
 
 
 # --------------------------------------------------------------------------------------------

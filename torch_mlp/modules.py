@@ -8,16 +8,27 @@ it calls the hand-derived Functions in :mod:`torch_mlp.functional`.
 from __future__ import annotations
 
 import math
+import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import init
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.modules.module import _WrappedHook
 from torch.nn.parameter import Parameter
+from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import functional as F
 
-__all__ = ["MLP", "CrossEntropyLoss", "Linear", "ReLU", "convert"]
+__all__ = [
+    "MLP", "TWINS", "ConvertStep", "CrossEntropyLoss", "Linear", "ReLU", "convert", "convert_plan",
+]
 
 
 class Linear(nn.Module):
@@ -80,6 +91,24 @@ class Linear(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
 
+    @classmethod
+    def from_native(cls, module: nn.Linear) -> Linear:
+        """A Linear with ``module``'s options holding its very weight and bias (no copy)."""
+        # Built on meta so that no parameter memory is allocated only to be dropped.
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None,
+                  device="meta")
+        new.weight = module.weight
+        new.bias = module.bias
+        return new
+
+    def to_native(self) -> nn.Linear:
+        """The ``torch.nn.Linear`` holding this module's very weight and bias."""
+        new = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device="meta")
+        new.weight = self.weight
+        new.bias = self.bias
+        return new
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -107,6 +136,15 @@ class ReLU(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return F.relu(input, inplace=self.inplace)
+
+    @classmethod
+    def from_native(cls, module: nn.ReLU) -> ReLU:
+        """A ReLU with ``module``'s ``inplace``."""
+        return cls(inplace=module.inplace)
+
+    def to_native(self) -> nn.ReLU:
+        """The ``torch.nn.ReLU`` with this module's ``inplace``."""
+        return nn.ReLU(inplace=self.inplace)
 
     def extra_repr(self) -> str:
         return "inplace=True" if self.inplace else ""
@@ -167,6 +205,19 @@ class CrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
         )
+
+    @classmethod
+    def from_native(cls, module: nn.CrossEntropyLoss) -> CrossEntropyLoss:
+        """A CrossEntropyLoss with ``module``'s options and its very ``weight`` buffer. Raises
+        ValueError for options torch.nn only rejects at the first call (e.g. ``reduction``)."""
+        return cls(weight=module.weight, ignore_index=module.ignore_index,
+                   reduction=module.reduction, label_smoothing=module.label_smoothing)
+
+    def to_native(self) -> nn.CrossEntropyLoss:
+        """The ``torch.nn.CrossEntropyLoss`` with this module's options and ``weight`` buffer."""
+        return nn.CrossEntropyLoss(weight=self.weight, ignore_index=self.ignore_index,
+                                   reduction=self.reduction,
+                                   label_smoothing=self.label_smoothing)
 
 
 class MLP(nn.Sequential):
@@ -261,49 +312,263 @@ def _global_hooks() -> bool:
                 or g._global_backward_hooks or g._global_backward_pre_hooks)
 
 
-_TO_TORCH_MLP: dict[type[nn.Module], type[nn.Module]] = {
+# --------------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------------
+TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear,
     nn.ReLU: ReLU,
     nn.CrossEntropyLoss: CrossEntropyLoss,
 }
-_TO_NATIVE: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_TORCH_MLP.items()}
+"""The table :func:`convert` reads: torch.nn class → its twin. A twin class defines the
+classmethod ``from_native(module)`` and the method ``to_native()``; adding a pair here is all it
+takes for ``convert`` to swap it (both ways)."""
+
+# nn.Module's own bookkeeping besides parameters, buffers and submodules: the hook dicts (with
+# their with_kwargs / always_call side dicts) and _is_full_backward_hook.
+_HOOK_STATE = tuple(
+    k for k in nn.Module().__dict__
+    if k not in ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
+)
+
+# Old-style reparametrizations: a forward-pre hook that rebuilds `weight` from other tensors.
+_REPARAMETRIZING_HOOKS = (
+    (WeightNorm, "torch.nn.utils.weight_norm"),
+    (SpectralNorm, "torch.nn.utils.spectral_norm"),
+    (BasePruningMethod, "torch.nn.utils.prune"),
+)
 
 
-def _twin(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A ``cls`` holding ``module``'s very parameters and buffers (no copy: optimizers that
-    already hold them keep working)."""
-    if isinstance(module, (nn.Linear, Linear)):
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                  device="meta")
-        new.weight = module.weight
-        new.bias = module.bias
-    elif isinstance(module, (nn.ReLU, ReLU)):
-        new = cls(inplace=module.inplace)
-    else:
-        new = cls(weight=module.weight, ignore_index=module.ignore_index,
-                  reduction=module.reduction, label_smoothing=module.label_smoothing)
-    new.train(module.training)
+@dataclass(frozen=True)
+class ConvertStep:
+    """One line of :func:`convert`'s plan: the module at ``path`` (``""``: the model itself)
+    becomes ``new``, or, where ``new`` is None, stays as it is because of ``reason``.
+    ``warn`` says whether ``convert`` warns about that skip."""
+
+    path: str
+    module: nn.Module
+    new: nn.Module | None
+    reason: str = ""
+    warn: bool = False
+
+    @property
+    def swapped(self) -> bool:
+        return self.new is not None
+
+    def __str__(self) -> str:
+        where = self.path or "(model)"
+        if self.new is not None:
+            return f"swap {where}: {_name(type(self.module))} -> {_name(type(self.new))}"
+        return f"skip {where}: {_name(type(self.module))}, {self.reason}"
+
+
+def _name(cls: type) -> str:
+    if cls.__module__.startswith("torch.nn."):
+        return f"torch.nn.{cls.__qualname__}"
+    if cls.__module__ == __name__:
+        return f"torch_mlp.{cls.__qualname__}"
+    return cls.__qualname__
+
+
+def _where(path: str) -> str:
+    return repr(path) if path else "the model itself"
+
+
+def _table(to_native: bool) -> dict[type[nn.Module], type[nn.Module]]:
+    return {ours: native for native, ours in TWINS.items()} if to_native else dict(TWINS)
+
+
+def _carry(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` what ``old`` holds beyond its options: the very parameters and buffers (in
+    their order, extra ones included), submodules, training mode, hooks and instance attributes.
+    Reads ``old`` only, so a plan that is dropped leaves the model as it was."""
+    for key in ("_parameters", "_buffers"):
+        theirs = old.__dict__[key]
+        for k, v in new.__dict__[key].items():
+            if k not in theirs or theirs[k] is not v:
+                raise RuntimeError(f"{type(new).__name__} does not hold the module's own "
+                                   f"{key[1:-1]} {k!r}")
+        new.__dict__[key] = theirs.copy()
+    for key in ("_non_persistent_buffers_set", "_modules"):
+        new.__dict__[key] = old.__dict__[key].copy()
+    new.training = old.training
+    # The hook dicts themselves, so that handles returned before convert still remove them.
+    for key in _HOOK_STATE:
+        new.__dict__[key] = old.__dict__[key]
+    pre = old._load_state_dict_pre_hooks
+    if any(_bound_to(h, old) for h in pre.values()):
+        # register_load_state_dict_pre_hook keeps a weak reference to the module it was
+        # registered on: the twin's copy must call the hook with the twin.
+        new._load_state_dict_pre_hooks = OrderedDict(
+            (k, _WrappedHook(h.hook, new) if _bound_to(h, old) else h) for k, h in pre.items()
+        )
+    for key, value in old.__dict__.items():
+        if key not in new.__dict__:  # an attribute set on the instance, e.g. lin.my_tag = 3
+            new.__dict__[key] = value
+
+
+def _bound_to(hook: object, module: nn.Module) -> bool:
+    return (isinstance(hook, _WrappedHook) and hook.with_module
+            and hook.module() is module)
+
+
+def _unswappable(module: nn.Module) -> str:
+    for kind, where in _REPARAMETRIZING_HOOKS:
+        if any(isinstance(h, kind) for h in module._forward_pre_hooks.values()):
+            return (f"its weight is recomputed before each call by {where}; "
+                    f"apply {where} after convert instead")
+    if "_compiled_call_impl" in module.__dict__:
+        return "it was compiled in place by Module.compile(); compile after convert instead"
+    return ""
+
+
+def _build(module: nn.Module, path: str, target: type[nn.Module], to_native: bool) -> nn.Module:
+    hook = "to_native" if to_native else "from_native"
+    owner = type(module) if to_native else target
+    if not callable(getattr(owner, hook, None)):
+        raise TypeError(f"convert: {_name(owner)} has no {hook}(); every twin class in "
+                        f"torch_mlp.modules.TWINS must define from_native(module) and to_native()")
+    try:
+        new = module.to_native() if to_native else target.from_native(module)
+        _carry(module, new)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        kind = next(k for k in (TypeError, ValueError, RuntimeError) if isinstance(exc, k))
+        raise kind(f"convert: cannot swap {_where(path)} ({_name(type(module))}) for "
+                   f"{_name(target)}: {exc}. The model was left unchanged.") from exc
     return new
 
 
-def convert(model: nn.Module, *, to_native: bool = False) -> nn.Module:
-    """Swap every ``nn.Linear``, ``nn.ReLU`` and ``nn.CrossEntropyLoss`` in ``model`` for its
-    torch_mlp twin, in place, keeping the parameter tensors themselves (and so their device,
-    dtype and values). Returns ``model``, or the twin if ``model`` itself is one of those.
+def _decide(
+    module: nn.Module, path: str, table: dict[type[nn.Module], type[nn.Module]], to_native: bool
+) -> tuple[ConvertStep | None, bool]:
+    """What becomes of ``module``: a step (or None where convert has nothing to say about it),
+    and whether to look inside it."""
+    cls = type(module)
+    if isinstance(module, torch.jit.ScriptModule):
+        return ConvertStep(path, module, None, "a torch.jit.ScriptModule, whose compiled code "
+                           "cannot change; script after convert instead", warn=True), False
+    if cls in table:
+        reason = _unswappable(module)
+        if reason:
+            return ConvertStep(path, module, None, reason, warn=True), False
+        return ConvertStep(path, module, _build(module, path, table[cls], to_native)), False
+    if isinstance(module, LazyModuleMixin) and getattr(cls, "cls_to_become", None) in table:
+        return ConvertStep(path, module, None, "a lazy module not initialised yet; run a forward "
+                           "pass first, then convert", warn=True), False
+    bases = [k for k in table if issubclass(cls, k)]
+    if bases and parametrize.is_parametrized(module):
+        return ConvertStep(path, module, None, "it has parametrizations "
+                           "(torch.nn.utils.parametrize); convert before parametrizing instead",
+                           warn=True), False
+    if bases:
+        # e.g. MultiheadAttention's out_proj: a subclass may behave differently, so it stays.
+        return ConvertStep(path, module, None,
+                           f"a subclass of {_name(bases[0])}, whose behaviour may differ"), True
+    return None, True
 
-    ``to_native=True`` swaps the other way, torch_mlp → torch.nn (e.g. to check one against the
-    other). Subclasses of the swapped types are left alone: their behaviour may differ.
+
+def _plan(
+    model: nn.Module, to_native: bool
+) -> tuple[list[ConvertStep], list[tuple[nn.Module | None, str, nn.Module]]]:
+    """Every step, and every (parent, name, twin) to set, decided before anything changes."""
+    table = _table(to_native)
+    steps: list[ConvertStep] = []
+    places: list[tuple[nn.Module | None, str, nn.Module]] = []
+    decided: dict[int, nn.Module | None] = {}  # by id: a module used twice gets one twin
+    seen: set[int] = set()
+
+    def visit(module: nn.Module, path: str, parent: nn.Module | None, name: str) -> None:
+        key = id(module)
+        if key in decided:
+            new = decided[key]
+            if new is not None:
+                steps.append(ConvertStep(path, module, new))
+                places.append((parent, name, new))
+            return
+        if key in seen:
+            return
+        seen.add(key)
+        step, descend = _decide(module, path, table, to_native)
+        if step is not None:
+            decided[key] = step.new
+            steps.append(step)
+            if step.new is not None:
+                places.append((parent, name, step.new))
+        if descend:
+            for child_name, child in module._modules.items():
+                if child is not None:
+                    visit(child, f"{path}.{child_name}" if path else child_name, module,
+                          child_name)
+
+    visit(model, "", None, "")
+    return steps, places
+
+
+def convert_plan(model: nn.Module, *, to_native: bool = False) -> list[ConvertStep]:
+    """What :func:`convert` would do to ``model``, changing nothing: one :class:`ConvertStep`
+    per module it swaps (each place a shared module sits at) or leaves alone, in ``named_modules``
+    order. Raises what ``convert`` would raise.
+
+    Examples::
+
+        >>> for step in torch_mlp.modules.convert_plan(model):
+        ...     print(step)
+        swap 0: torch.nn.Linear -> torch_mlp.Linear
+    """
+    _refuse_script(model)
+    return _plan(model, to_native)[0]
+
+
+def _refuse_script(model: nn.Module) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("convert: model is a torch.jit.ScriptModule, whose compiled code cannot "
+                        "change; convert the eager model, then script it")
+
+
+def convert(model: nn.Module, *, to_native: bool = False, verbose: bool = False) -> nn.Module:
+    """Swap every ``nn.Linear``, ``nn.ReLU`` and ``nn.CrossEntropyLoss`` in ``model`` for its
+    torch_mlp twin, in place. Returns ``model``, or the twin if ``model`` itself is one of those
+    (``model`` is then left as it is).
+
+    A twin is what the module was, but for its class: the very parameter and buffer objects
+    (so device, dtype, values, tied weights and an optimizer built earlier all carry over),
+    training mode, forward / backward / state_dict hooks (handles returned earlier still remove
+    them) and attributes set on the instance. A module used at several places becomes one twin.
+    The table of pairs is :data:`TWINS`. ``to_native=True`` swaps the other way, torch_mlp →
+    torch.nn.
+
+    All-or-nothing: every swap is decided first, and if one fails (e.g. a CrossEntropyLoss
+    with an option the twin refuses) convert raises, naming the module, with ``model``
+    unchanged. Left alone, with a warning naming the module: a Linear whose weight is
+    recomputed by ``torch.nn.utils.weight_norm`` / ``spectral_norm`` / ``prune`` or
+    ``parametrize``, a lazy module not initialised yet, a ``torch.jit.ScriptModule`` inside
+    the model, a module compiled in place. Left alone silently: subclasses (their behaviour
+    may differ). A scripted ``model`` raises TypeError.
+
+    Args:
+        model: any module.
+        to_native: swap torch_mlp → torch.nn instead.
+        verbose: print one line per swap and per module left alone, e.g.
+            ``convert: swap encoder.fc1: torch.nn.Linear -> torch_mlp.Linear``.
+            :func:`convert_plan` returns the same lines as objects, changing nothing.
 
     Examples::
 
         >>> model = torch_mlp.convert(torchvision.ops.MLP(784, [256, 10]))
     """
-    mapping = _TO_NATIVE if to_native else _TO_TORCH_MLP
-    if type(model) in mapping:
-        return _twin(model, mapping[type(model)])
-    for name, child in model.named_children():
-        if type(child) in mapping:
-            setattr(model, name, _twin(child, mapping[type(child)]))
+    _refuse_script(model)
+    steps, places = _plan(model, to_native)
+    result = model
+    # Dict assignments only, after every twin was built: nothing here can fail half-way.
+    for parent, name, new in places:
+        if parent is None:
+            result = new
         else:
-            convert(child, to_native=to_native)
-    return model
+            parent._modules[name] = new
+    for step in steps:
+        if verbose:
+            print(f"convert: {step}")
+        if step.warn:
+            warnings.warn(f"convert: left {_where(step.path)} ({_name(type(step.module))}) "
+                          f"as it is: {step.reason}", stacklevel=2)
+    return result
