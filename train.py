@@ -101,6 +101,11 @@ VERIFY_RTOL: dict[torch.dtype, float] = {
     torch.float16: 1e-3,
 }
 VERIFY_K = 10.0
+# The loss VALUE is one scalar, so native's rounding error on it is a single draw that can be
+# ~0 by luck (a sum rounded in another order, e.g. ½λ·W·W against ½λ·ΣW², may then look wrong).
+# Its tolerance also has a floor: the rounding error the compute dtype allows in this loss, the
+# probabilistic bound for a float sum of n terms, u·√n·Σ|terms| (u = eps/2), over the terms the
+# loss adds up: per (sample, class) |logsumexp| and smoothed |logit| terms, and the L2's W².
 
 
 class TrainingError(RuntimeError):
@@ -112,7 +117,7 @@ class NonFiniteLossError(TrainingError):
 
 
 class VerifyError(TrainingError):
-    """The hand-derived gradients differ from native autograd's beyond the dtype's tolerance."""
+    """The hand-derived loss value or gradients differ from native autograd's beyond tolerance."""
 
 
 class CheckpointError(TrainingError):
@@ -394,6 +399,39 @@ def compare_gradient(ours: Tensor, native: Tensor, exact: Tensor, rtol: float
     tol = rtol * scale + VERIFY_K * native_err
     return {"abs": diff, "rel": diff / scale if scale > 0 else diff, "native_err": native_err,
             "tol": tol, "used": diff / tol if tol > 0 else (0.0 if diff == 0 else math.inf)}
+
+
+def loss_rounding_floor(logits64: Tensor, y: Tensor, weights64: Sequence[Tensor], l2: float,
+                        label_smoothing: float, dtype: torch.dtype) -> float:
+    """The rounding error ``dtype`` arithmetic allows in the loss (see VERIFY_K): u·√n·Σ|terms|
+    for the cross-entropy's (B, C) terms and for the L2's ΣW², from the float64 values."""
+    u = torch.finfo(dtype).eps / 2
+    with torch.no_grad():
+        z = logits64.detach()  # (B, C)
+        n, c = z.shape
+        # Per sample: |logsumexp| + Σ_c q_c|z_c|, q the smoothed one-hot target.
+        q = torch.full_like(z, label_smoothing / c)
+        q[torch.arange(n), y] += 1 - label_smoothing
+        ce = (z.logsumexp(1).abs() + (q * z.abs()).sum(1)).mean().item() if n else 0.0
+        floor = u * math.sqrt(z.numel()) * ce
+        if l2 > 0:
+            numel = sum(w.numel() for w in weights64)
+            sq = sum(w.detach().double().square().sum().item() for w in weights64)
+            floor += u * math.sqrt(numel) * 0.5 * l2 * sq
+    return floor
+
+
+def compare_loss(ours: Tensor, native: Tensor, exact: Tensor, rtol: float, floor: float
+                 ) -> dict[str, float]:
+    """How far the loss value ``ours`` is from the float64 ``exact``, against ``rtol·|exact| +
+    K·max(|native − exact|, floor)``: native's own rounding error, at least ``floor``."""
+    ours_v, native_v, exact_v = (float(t.detach().double()) for t in (ours, native, exact))
+    diff = abs(ours_v - exact_v)
+    native_err = abs(native_v - exact_v)
+    tol = rtol * abs(exact_v) + VERIFY_K * max(native_err, floor)
+    return {"abs": diff, "rel": diff / abs(exact_v) if exact_v else diff,
+            "native_err": native_err, "tol": tol,
+            "used": diff / tol if tol > 0 else (0.0 if diff == 0 else math.inf)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,14 +806,17 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
         native = [g / scale for g in torch.autograd.grad(native_l * scale, params)]
         # The same math in float64, to measure native's own rounding error.
         p64 = {n: p.detach().double().requires_grad_() for n, p in zip(names, params)}
-        exact_l = native_loss(torch.func.functional_call(twin, p64, (x.double(),)), y,
-                              [p64[n] for n in weight_names], args.l2, args.label_smoothing)
+        logits64 = torch.func.functional_call(twin, p64, (x.double(),))
+        w64 = [p64[n] for n in weight_names]
+        exact_l = native_loss(logits64, y, w64, args.l2, args.label_smoothing)
         exact = torch.autograd.grad(exact_l, list(p64.values()))
         if dd.enabled:  # DDP averaged ours over the processes; do the same with the others
             native, exact = (_all_mean(dd, gs) for gs in (native, exact))
         rtol = VERIFY_RTOL[compute_dtype]
-        report = {"loss": compare_gradient(loss.detach(), native_l.detach(), exact_l.detach(),
-                                           VERIFY_RTOL[torch.float32])}
+        floor = loss_rounding_floor(logits64, y, w64, args.l2, args.label_smoothing,
+                                    compute_dtype)
+        # The loss is this process's own (DDP averages gradients, not loss values).
+        report = {"loss": compare_loss(loss, native_l, exact_l, rtol, floor)}
         for name, g, gn, ge in zip(names, ours, native, exact):
             report[name] = compare_gradient(g, gn, ge, rtol)
         # Every process must reach the same verdict (else some would wait for the others).
@@ -796,13 +837,24 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
                 name = "(another process's)"
             table = "; ".join(f"{n}: abs {r['abs']:.2e} rel {r['rel']:.2e} tol {r['tol']:.2e}"
                               for n, r in report.items())
+            grads_ok = all(r2["used"] <= 1 for n, r2 in report.items() if n != "loss")
+            if name == "loss":
+                # A wrong VALUE is a forward's fault; the gradients are judged on their own.
+                raise VerifyError(
+                    f"--verify-every: at step {step} the hand-derived loss value differs from "
+                    f"the float64 loss: abs diff {r['abs']:.3e} (rel {r['rel']:.3e}) > "
+                    f"tolerance {r['tol']:.3e} = {rtol:.1e}·|loss| + {VERIFY_K:g}·max(native's "
+                    f"own rounding error {r['native_err']:.2e}, {compute_dtype} rounding "
+                    f"{floor:.2e}). All: {table}. The forward (value) of torch_mlp's "
+                    f"cross_entropy or l2_penalty is wrong"
+                    f"{'; every gradient is within tolerance' if grads_ok else ''}."
+                )
             raise VerifyError(
-                f"--verify-every: at step {step} the hand-derived {name} "
-                f"{'value' if name == 'loss' else 'gradient'} differs from native autograd's: "
-                f"max abs diff {r['abs']:.3e} (max rel diff {r['rel']:.3e}) > tolerance "
-                f"{r['tol']:.3e} = {rtol:.1e}·max|native| + {VERIFY_K:g}·native's own rounding "
-                f"error {r['native_err']:.2e} ({compute_dtype}). All: {table}. The backward of a "
-                f"torch_mlp Function is wrong."
+                f"--verify-every: at step {step} the hand-derived {name} gradient differs from "
+                f"native autograd's: max abs diff {r['abs']:.3e} (max rel diff {r['rel']:.3e}) "
+                f"> tolerance {r['tol']:.3e} = {rtol:.1e}·max|native| + {VERIFY_K:g}·native's "
+                f"own rounding error {r['native_err']:.2e} ({compute_dtype}). All: {table}. "
+                f"The backward of a torch_mlp Function is wrong for {name}."
             )
 
     result: dict[str, Any] = {}

@@ -183,6 +183,57 @@ def test_verify_tolerance_allows_rounding_and_catches_errors() -> None:
     assert T.compare_gradient(zero, zero, zero.double(), rtol)["used"] == 0
 
 
+def test_verify_every_catches_a_wrong_loss_value(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A forward that drops the ½ of ½λΣW²: a wrong value with a right gradient.
+    real = T.custom_loss
+
+    def no_half(logits: torch.Tensor, y: torch.Tensor, weights: Any, l2: float,
+                ls: float) -> torch.Tensor:
+        extra = sum(w.detach().square().sum() for w in weights) * 0.5 * l2
+        return real(logits, y, weights, l2, ls) + extra
+
+    monkeypatch.setattr(T, "custom_loss", no_half)
+    with pytest.raises(T.VerifyError, match=r"at step 0 the hand-derived loss value differs from "
+                       r"the float64 loss: .* The forward \(value\) of torch_mlp's cross_entropy "
+                       r"or l2_penalty is wrong; every gradient is within tolerance\.$"):
+        run("--l2", "0.01")
+
+
+def test_loss_value_tolerance_allows_another_summation_order() -> None:
+    # ½λ·W·W (one float32 dot) against native's ½λ·ΣW² over 800k weights: both round, in
+    # another order; native's error on this one scalar happens to be tiny.
+    torch.manual_seed(0)
+    w = torch.empty(1024, 784).uniform_(-1 / 28, 1 / 28)
+    flat, lam = w.reshape(-1), 0.1
+    ours, native = 0.5 * lam * flat.dot(flat), 0.5 * lam * w.square().sum()
+    exact = 0.5 * lam * w.double().square().sum()
+    rtol = T.VERIFY_RTOL[torch.float32]
+    floor = T.loss_rounding_floor(torch.zeros(1, 10, dtype=torch.float64), torch.zeros(1).long(),
+                                  [w], lam, 0.0, torch.float32)
+    assert T.compare_loss(ours, native, exact, rtol, floor)["used"] < 1
+    assert T.compare_loss(ours * (1 + 1e-3), native, exact, rtol, floor)["used"] > 1
+    assert not T.compare_loss(ours * float("nan"), native, exact, rtol, floor)["used"] <= 1
+
+
+@pytest.mark.parametrize("lr", [None, "2.0"], ids=["lr-default", "lr-2"])
+@pytest.mark.parametrize("batch", [4, 256])
+@pytest.mark.parametrize("l2", ["0", "1e-4", "0.1", "1.0"])
+def test_verify_raises_no_false_alarm(l2: str, batch: int, lr: str | None, data_dir: Path,
+                                      mnist: MNISTTensors, tmp_path: Path) -> None:
+    # Every step checked; batch 4 runs 50 steps, batch 256 two. λ=1 at lr 2 (lr·λ = 2) truly
+    # diverges: that is the NaN check's stop, after every finite step passed verification.
+    flags = ["--data-dir", str(data_dir), "--out", str(tmp_path / "run"), "--hidden", "16",
+             "--epochs", "1", "--limit", str(200 if batch == 4 else 512), "--batch-size",
+             str(batch), "--l2", l2, "--verify-every", "1", "--quiet", "--threads", "1"]
+    try:
+        result = T.main([*flags, *(["--lr", lr] if lr else [])], data=mnist)
+    except T.NonFiniteLossError:
+        assert l2 == "1.0" and lr == "2.0"
+        return
+    assert result["verify_checks"] == (50 if batch == 4 else 2)
+    assert result["verify_tolerance_used"] <= 1
+
+
 def test_verify_every_n_steps_and_its_cost(run) -> None:
     result = run("--verify-every", "3")
     # Steps 0..19, every 3rd: 0 3 6 9 in epoch 1, 12 15 18 in epoch 2.
