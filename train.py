@@ -34,7 +34,9 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +146,19 @@ def _int_at_least(lo: int, what: str) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, ">= 0")
+SEED_MAX = 2**64 - 1  # torch.manual_seed's range
+
+
+def _seed(s: str) -> int:
+    v = _nonnegative_int(s)
+    if v > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1], got {v}")
+    return v
+
+
+# Above this an --lr or --l2 overflows float32 within a few steps: a typo, not a setting
+# (1e6 still runs, and diverges, for the NaN check's sake).
+FLOAT_FLAG_MAX = 1e6
 
 
 def _float_in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False):
@@ -195,10 +210,10 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
                    f"(default: {d['batch_size']})")
     m.add_argument("--optimizer", choices=("sgd", "adam"), **default("optimizer"),
                    help=f"optimizer (default: {d['optimizer']})")
-    m.add_argument("--lr", type=_float_in(0, math.inf, lo_open=True, hi_open=True),
+    m.add_argument("--lr", type=_float_in(0, FLOAT_FLAG_MAX, lo_open=True),
                    **default("lr", None),
                    help="learning rate; the peak one with --schedule onecycle "
-                   "(default: 0.2 for sgd, 0.001 for adam)")
+                   f"(default: {LR_DEFAULTS['sgd']} for sgd, {LR_DEFAULTS['adam']} for adam)")
     m.add_argument("--momentum", type=_float_in(0, 1, hi_open=True), **default("momentum"),
                    help=f"SGD momentum; Adam's beta1 (default: {d['momentum']})")
     m.add_argument("--nesterov", action=argparse.BooleanOptionalAction, **default("nesterov"),
@@ -207,13 +222,13 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
                    help="learning-rate schedule, stepped every batch: onecycle (30%% warm-up "
                    "to --lr, then cosine down), cosine (from --lr to 0) or none "
                    f"(default: {d['schedule']})")
-    m.add_argument("--l2", type=_float_in(0, math.inf, hi_open=True), **default("l2"),
+    m.add_argument("--l2", type=_float_in(0, FLOAT_FLAG_MAX), **default("l2"),
                    help="the derivation's lambda: adds ½·λ·ΣW² over the weight matrices "
                    "(not biases) to the loss, through l2_penalty, not the optimizer's "
                    f"weight_decay (default: {d['l2']})")
     m.add_argument("--label-smoothing", type=_float_in(0, 1), **default("label_smoothing"),
                    help=f"label smoothing of the cross-entropy (default: {d['label_smoothing']})")
-    m.add_argument("--seed", type=_nonnegative_int, **default("seed"),
+    m.add_argument("--seed", type=_seed, **default("seed"),
                    help="seed of the initialisation and the batch shuffling "
                    f"(default: {d['seed']})")
     m.add_argument("--native", action="store_true", **default("native", False),
@@ -297,7 +312,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--amp supports cpu (bfloat16) and cuda (float16), not mps: add --device cpu")
     if args.resume is not None and not Path(args.resume).is_file():
         parser.error(f"--resume {args.resume}: no such file")
+    data_dir = Path(args.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir}: not a directory")
+    if data_dir.is_dir() and not os.access(data_dir, os.R_OK | os.X_OK):
+        parser.error(f"--data-dir {args.data_dir}: permission denied (not readable)")
+    if args.out is not None:
+        problem = _out_problem(Path(args.out))
+        if problem:
+            parser.error(f"--out {args.out}: {problem}")
+    cpus = os.cpu_count() or 1
+    if args.threads > cpus:
+        print(f"train.py: warning: --threads {args.threads} is more than this machine's {cpus} "
+              f"CPUs; the extra threads only compete for them", file=sys.stderr)
     return args
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be the run directory, or None. Creates nothing that stays: a
+    directory or file that does exist is probed by making (and removing) a temporary one."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a directory"
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"permission denied: {existing} is not writable"
+    try:  # root passes os.access everywhere; /proc and read-only mounts refuse the write itself
+        os.rmdir(tempfile.mkdtemp(prefix=".train-probe-", dir=existing))
+    except OSError as e:
+        return f"cannot create files in {existing} ({e.strerror or type(e).__name__})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,13 +501,23 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Read a train.py checkpoint with ``weights_only=True``; CheckpointError if unreadable."""
     path = Path(path)
+    # torch.load does not check the zip records' CRCs: a flipped byte in a tensor loads silently.
+    bad: str | None = None
+    with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError, ValueError), \
+            zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: its record {bad} fails the CRC check (the file "
+            f"changed after it was written). Resume from another copy or start a new run."
+        )
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: no such file") from None
     except Exception as e:
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}). It "
+            f"cannot read checkpoint {path} ({_first_line(e)}). It "
             f"is corrupted or truncated, or not a checkpoint written by train.py. Resume from "
             f"another copy or start a new run."
         ) from e
@@ -472,6 +529,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(sorted(missing))}")
     return ck
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (an exception's message may be empty)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _flag(key: str) -> str:
@@ -618,11 +681,50 @@ def _noop(*_: Any, **__: Any) -> None:
     pass
 
 
+def _kept(last_good: tuple[Path, int] | None) -> str:
+    if last_good is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint, {last_good[0]} (after epoch {last_good[1]}), is kept"
+
+
+def _memory_needed(args: argparse.Namespace, sizes: Sequence[int]) -> int:
+    """Bytes the run holds at least (float32): parameters, their gradients, the optimizer's
+    state (1 buffer for SGD with momentum, 2 for Adam), and a batch's activations."""
+    params = sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
+    state = 2 if args.optimizer == "adam" else int(args.momentum > 0)
+    rows = max(args.batch_size, EVAL_BATCH)
+    return 4 * (params * (2 + state) + 3 * rows * sum(sizes))
+
+
+def _memory_available(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError, IndexError):  # Linux: free + reclaimable
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
 def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[str, Any]:
     """One whole run, from :func:`parse_args`'s namespace; returns the final metrics.
 
-    ``data`` lets a caller pass MNIST already loaded (on the run's device).
+    ``data`` lets a caller pass MNIST already loaded (on the run's device). A
+    KeyboardInterrupt leaves with ``checkpoint`` set: the path to resume from, or None.
     """
+    try:
+        return _train(args, data)
+    except KeyboardInterrupt as e:
+        ck = Path(args.out) / "checkpoint.pt" if args.out is not None else None
+        if ck is None or not ck.is_file():  # none written yet: the one resumed from, if any
+            ck = Path(args.resume) if args.resume is not None else None
+        e.checkpoint = str(ck) if ck is not None else None  # type: ignore[attr-defined]
+        raise
+
+
+def _train(args: argparse.Namespace, data: MNISTTensors | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     dd = _init_distributed(args.device)
     device = resolve_device(args.device, dd.local_rank)
@@ -644,8 +746,18 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
         else:
             args.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     out = Path(args.out)
+    sizes = [IN_FEATURES, *args.hidden, NUM_CLASSES]
+    need, free = _memory_needed(args, sizes), _memory_available(device)
+    if free is not None and need > free:
+        raise TrainingError(
+            f"--hidden {' '.join(map(str, args.hidden))}: the model needs at least "
+            f"{need / 2**30:,.1f} GiB (parameters, gradients, optimizer state, activations), "
+            f"and {device} has {free / 2**30:,.1f} GiB available"
+        )
     if dd.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        problem = _out_problem(out)
+        if problem:
+            raise TrainingError(f"--out {out}: {problem}")
         if (out / "checkpoint.pt").exists() and (
             args.resume is None or Path(args.resume).resolve() != (out / "checkpoint.pt").resolve()
         ):
@@ -656,10 +768,19 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
 
     # ---- data: rank 0 unpacks (or checks) first, then every rank loads its tensors ----
     if data is None:
-        if dd.is_main:
-            prepare_mnist(args.data_dir, log=not args.quiet)
-        dd.barrier()
-        data = load_mnist(args.data_dir, device)
+        try:
+            if dd.is_main:
+                prepare_mnist(args.data_dir, log=not args.quiet)
+            dd.barrier()
+            data = load_mnist(args.data_dir, device)
+        except OSError as e:
+            raise TrainingError(f"--data-dir {args.data_dir}: cannot read MNIST there "
+                                f"({_first_line(e)})") from e
+    if dd.is_main:  # only now: a data error leaves no empty run directory behind
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--out {out}: cannot create it ({_first_line(e)})") from e
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     if args.limit is not None:
@@ -670,6 +791,12 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
                             f"of processes ({dd.world_size})")
     usable = n_train - n_train % dd.world_size
     steps_per_epoch = math.ceil(usable / args.batch_size)
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"--limit {args.limit}: {n_train} training image(s) give no step over "
+            f"{dd.world_size} processes (each takes an equal share); use --limit >= "
+            f"{dd.world_size}"
+        )
     total_steps = steps_per_epoch * args.epochs
     verify_every = steps_per_epoch if args.verify_every is None else args.verify_every
     if args.native:
@@ -720,11 +847,16 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CheckpointError(
                 f"checkpoint {args.resume} does not fit this run's model/optimizer "
-                f"({type(e).__name__}: {str(e).splitlines()[0]})"
+                f"({_first_line(e)})"
             ) from e
         start_epoch, step = int(ck["epoch"]), int(ck["step"])
         history = list(ck.get("history", []))
         say(f"resuming {args.resume} after epoch {start_epoch} (step {step})")
+    # The checkpoint a divergence falls back to: the one resumed from, then each one written.
+    last_good: tuple[Path, int] | None = (Path(args.resume), start_epoch) if ck else None
+    # --resume keeps the checkpoint's flags (a changed --lr is refused): advise what works.
+    lower_lr = ("start a new run with a lower --lr (--resume keeps the checkpoint's)"
+                if ck is not None else "try a lower --lr")
 
     model: nn.Module = module
     if dd.enabled:
@@ -902,12 +1034,10 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
                 if bad.any():
                     first = int(bad.argmax())
                     bad_step = step - len(window) + first
-                    kept = (f"the last good checkpoint, {out / 'checkpoint.pt'} (after epoch "
-                            f"{epoch - 1}), is kept" if epoch > 1 else "no checkpoint was written")
                     raise NonFiniteLossError(
                         f"loss is {losses[first].item()} at step {bad_step} (epoch {epoch}, "
-                        f"batch {b - len(window) + 1 + first}): training diverged; try a lower "
-                        f"--lr. Stopped; {kept}."
+                        f"batch {b - len(window) + 1 + first}): training diverged; {lower_lr}. "
+                        f"Stopped; {_kept(last_good)}."
                     )
                 window.clear()
                 if bar is not None:
@@ -931,6 +1061,15 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
             "verify_tolerance_used": stats.max_used, "verify_seconds": stats.seconds,
         }
         row["seconds"] = time.perf_counter() - t_epoch  # training + evaluation
+        # An epoch that ends on non-finite weights or test loss is no good checkpoint.
+        finite = torch.tensor([float(math.isfinite(row["test_loss"]) and all(
+            bool(torch.isfinite(p).all()) for p in module.parameters()))], device=device)
+        if dd.all_reduce(finite, dist.ReduceOp.MIN).item() < 1:
+            raise NonFiniteLossError(
+                f"after epoch {epoch} (step {step}) the weights or the test loss "
+                f"({row['test_loss']}) are not finite: training diverged; {lower_lr}. This "
+                f"epoch is not saved; {_kept(last_good)}."
+            )
         history.append(row)
         if dd.is_main:
             ck_out = {
@@ -947,6 +1086,7 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
                 "history": history, "torch_version": str(torch.__version__),
             }
             _atomic_write(out / "checkpoint.pt", lambda tmp, c=ck_out: torch.save(c, tmp))
+        last_good = (out / "checkpoint.pt", epoch)
         if dd.is_main:
             write_metrics_csv(out / "metrics.csv", history)
         say(f"epoch {epoch:>2}/{args.epochs}  train loss {row['train_loss']:.4f} acc "
@@ -1003,7 +1143,8 @@ if __name__ == "__main__":
     except (TrainingError, MNISTIntegrityError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("train.py: interrupted; continue with --resume <run dir>/checkpoint.pt",
-              file=sys.stderr)
+    except KeyboardInterrupt as err:
+        ck_path = getattr(err, "checkpoint", None)
+        print("train.py: interrupted; " + (f"continue with --resume {ck_path}" if ck_path else
+              "no checkpoint was written yet, so start the run again"), file=sys.stderr)
         sys.exit(130)
