@@ -523,3 +523,13 @@ def test_convert_plan_changes_nothing_and_lists_what_convert_does():
         ("loss", True)]
     assert re.fullmatch(r"skip extra: _SubLinear, a subclass of torch.nn.Linear.*",
                         str(plan[7]))
+
+
+@pytest.mark.slow  # Module.compile() imports torch._dynamo: seconds on a busy machine
+def test_a_module_compiled_in_place_is_left_alone_with_a_warning():
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    compiled = model[0]
+    compiled.compile()  # compiles its own call: a twin would not run the compiled code
+    with pytest.warns(UserWarning, match=r"left '0' .* compiled in place by Module.compile"):
+        torch_mlp.convert(model)
+    assert model[0] is compiled and type(model[1]) is torch_mlp.ReLU
