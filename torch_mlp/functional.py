@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``t`` of shape (*, K) as (M, K) rows: reshape(-1, K) cannot infer M when K is 0."""
+    return t.unsqueeze(0) if t.dim() == 1 else t.flatten(0, -2)
+
+
 # --------------------------------------------------------------------------------------------
 # Linear: u = x W + c, with W = weight.T (weight is stored (out, in) like nn.Linear)
 # --------------------------------------------------------------------------------------------
@@ -46,7 +51,8 @@ class LinearFunction(Function):
     """``u = x · weightᵀ + bias`` for x of shape (*, D), weight (H, D), bias (H) or None.
 
     Backward, as derived (g = dL/du):  dL/dx = g · weight,  dL/dweight = gᵀ · x (summed over
-    every leading dim),  dL/dbias = Σ g.
+    every leading dim),  dL/dbias = Σ g. For complex tensors, in the conjugate Wirtinger
+    convention PyTorch's autograd uses: dL/dx = g · conj(weight), dL/dweight = gᵀ · conj(x).
     """
 
     generate_vmap_rule = True
@@ -85,16 +91,17 @@ class LinearFunction(Function):
                g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(dL/dx, dL/dweight, dL/dbias) from g = dL/du, each None where not needed."""
         grad_x = grad_weight = grad_bias = None
-        # (M, H) rows of g; reshape, not view: g may be non-contiguous. A 2-D g (the MLP's
-        # case) is used as it is: two fewer op calls per backward.
-        g2 = g if g.dim() == 2 else g.reshape(-1, g.shape[-1])
+        # (M, H) rows of g. A 2-D g (the MLP's case) is used as it is: two fewer op calls per
+        # backward. conj() is the complex case's conjugate and, for real dtypes, returns the
+        # tensor itself (no copy, no conjugate view).
+        g2 = g if g.dim() == 2 else _rows(g)
         if needs_input_grad[0]:
-            grad_x = g2.mm(weight)  # g · weight, (M, D)
+            grad_x = g2.mm(weight.conj())  # g · conj(weight), (M, D)
             if g.dim() != 2:
                 grad_x = grad_x.reshape(*g.shape[:-1], weight.shape[1])  # (*, D)
         if needs_input_grad[1]:
-            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (M, D)
-            grad_weight = g2.t().mm(x2)  # gᵀ · x, (H, D)
+            x2 = x if x.dim() == 2 else _rows(x)  # (M, D)
+            grad_weight = g2.t().mm(x2.conj())  # gᵀ · conj(x), (H, D)
         if needs_input_grad[2]:
             grad_bias = g2.sum(0)  # Σ g over all rows, (H)
         return grad_x, grad_weight, grad_bias
@@ -607,11 +614,9 @@ class L2PenaltyFunction(Function):
 
     @staticmethod
     def forward(lam: float, *weights: Tensor) -> Tensor:
-        # ‖W‖² as W·W over the flattened entries: one read of W and no (H, D) temporary, where
-        # W.square().sum() writes and reads a squared copy (1024×784 float32 here: 65 µs
-        # against 115 µs).
-        flat = [w.reshape(-1) for w in weights]  # a view of each contiguous weight
-        return 0.5 * lam * torch.stack([f.dot(f) for f in flat]).sum()
+        # ‖W‖² as W.square().sum(), the native formula's own reduction: a float32 dot would
+        # skip the squared copy but accumulates in float32 with far larger rounding error.
+        return 0.5 * lam * torch.stack([w.square().sum() for w in weights]).sum()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -859,6 +864,8 @@ def mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None] | 
         _same_dtype_device("mlp", input=x, **{
             f"{'weights' if i % 2 == 0 else 'biases'}[{i // 2}]": t
             for i, t in enumerate(params)})
+    if x.is_complex():
+        _refuse_complex("mlp", x.dtype)
     fn = _pick(MLPFunction, _MLPFunctionNoJvp)
     if cast is None:
         return fn.apply(x, *params)[0]
@@ -892,6 +899,8 @@ def _linear_call(name: str, cls: type[Function], no_jvp: type[Function], x: Tens
         x, weight, bias = (_autocast_to(t, cast) for t in (x, weight, bias))
     if not _agree(x, weight, bias):
         _same_dtype_device(name, input=x, weight=weight, bias=bias)
+    if cls is not LinearFunction and x.is_complex():
+        _refuse_complex(name, x.dtype)
     fn = _pick(cls, no_jvp)
     if cast is None:
         return fn.apply(x, weight, bias)
@@ -899,12 +908,25 @@ def _linear_call(name: str, cls: type[Function], no_jvp: type[Function], x: Tens
         return fn.apply(x, weight, bias)
 
 
+def _refuse_complex(name: str, dtype: torch.dtype) -> None:
+    raise TypeError(
+        f"{name}: complex input is not supported (ReLU has no complex form, as in "
+        f"torch.nn.functional.relu), got {dtype}"
+    )
+
+
 def relu(u: Tensor, inplace: bool = False) -> Tensor:
     """``max(0, u)``, like :func:`torch.nn.functional.relu`, with a hand-derived backward.
 
     ``inplace=True`` overwrites ``u`` and marks it dirty, so autograd's version counter still
-    catches a later use of the overwritten values.
+    catches a later use of the overwritten values. Bool and complex tensors are refused, as
+    ``F.relu`` refuses them; other dtypes keep their dtype.
     """
+    dtype = u.dtype
+    if dtype == torch.bool:  # clamp_min(0) would promote it to int64
+        raise TypeError("relu: Boolean inputs are not supported, got torch.bool")
+    if dtype.is_complex:
+        _refuse_complex("relu", dtype)
     fn = _pick(ReLUFunction, _ReLUFunctionNoJvp)
     if inplace and (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
         # The in-place Function returns u itself and saves it: vmap refuses a Function that
@@ -967,6 +989,11 @@ def cross_entropy(
     C = shape[0] if nd == 1 else shape[1]
     probs = tdtype.is_floating_point
     if probs:
+        if ignore_index != -100:  # as native: ignore_index means nothing for probabilities
+            raise ValueError(
+                f"cross_entropy: ignore_index is not supported for class-probability "
+                f"(floating-point) targets, got ignore_index={ignore_index}"
+            )
         if target.shape != shape:
             raise ValueError(
                 f"cross_entropy: class-probability target must have the input's shape "
@@ -982,6 +1009,18 @@ def cross_entropy(
                 f"{dtype} (class probabilities), got {tdtype}"
             )
         tshape = target.shape
+        if nd == 1 and len(tshape) == 1:
+            # As native: an unbatched (C) input also takes a (1,) target, read as (), but not
+            # with label smoothing or zero classes (native's forward fails on the shapes there).
+            if tshape[0] != 1 or label_smoothing > 0 or C == 0:
+                raise ValueError(
+                    f"cross_entropy: for an unbatched input of shape {tuple(shape)}, expected "
+                    f"target of shape ()"
+                    + (", or (1,) without label smoothing" if C else "")
+                    + f", got {tuple(tshape)}"
+                )
+            target = target.reshape(())
+            tshape = target.shape
         if nd > 1 and len(tshape) >= 1 and tshape[0] != shape[0]:
             raise ValueError(
                 f"Expected input batch_size ({shape[0]}) to match target batch_size "
@@ -1001,7 +1040,7 @@ def cross_entropy(
             )
         if weight is not None and not _agree(input, weight):
             _same_dtype_device("cross_entropy", input=input, weight=weight)
-        if device.type != "cpu":
+        if device.type not in ("cpu", "meta"):  # meta tensors have no values to check
             # On CPU the gather in forward refuses an out-of-range index with an error, which
             # is then explained below: no extra pass over the targets on the common path. A GPU
             # gather would stop the process on a device-side assert instead, so check first.
@@ -1018,6 +1057,8 @@ def cross_entropy(
                 "weight.detach()"
             )
 
+    if C == 0:
+        return _no_class_loss(input, target, ignore_index, reduction, label_smoothing)
     if nd == 2:
         z, t = input, target
     elif nd == 1:  # unbatched (C)
@@ -1037,6 +1078,29 @@ def cross_entropy(
     if nd == 1:
         return loss.squeeze(0)
     return loss.reshape(tuple(shape)[:1] + tuple(shape)[2:])
+
+
+def _no_class_loss(input: Tensor, target: Tensor, ignore_index: int, reduction: str,
+                   label_smoothing: float) -> Tensor:
+    """Native's loss for an input with zero classes (C = 0): there is nothing to derive, the
+    gradient is empty. Each row costs 0 (index targets must all be ignore_index); the mean is
+    NaN (0 / 0), and so is everything with index targets and label smoothing (the smoothing
+    term divides by C)."""
+    nd = input.dim()
+    probs = target.is_floating_point()
+    if not probs:
+        _check_target_range(target, 0, ignore_index)  # refuses every target but ignore_index
+        if nd > 2 and target.numel() > 0:
+            raise ValueError(
+                f"cross_entropy: class-index targets of shape {_shape(target)} need at least "
+                f"one class, got input of shape {_shape(input)} (as torch.nn.functional's)"
+            )
+    loss = input.sum(1 if nd > 1 else 0)  # zeros of the batch shape, from input
+    nan = not probs and label_smoothing > 0
+    if reduction == "none":
+        return loss + float("nan") if nan else loss
+    total = loss.sum()
+    return total + float("nan") if nan or reduction == "mean" else total
 
 
 def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -1070,8 +1134,16 @@ def l2_penalty(weights: Sequence[Tensor] | Tensor, lam: float) -> Tensor:
     if not weights:
         raise ValueError("l2_penalty: expected at least one weight tensor, got none")
     for k, w in enumerate(weights):
-        if not isinstance(w, Tensor) or not w.is_floating_point():
-            raise TypeError(f"l2_penalty: weights[{k}] must be a floating-point tensor")
+        if not isinstance(w, Tensor):
+            raise TypeError(
+                f"l2_penalty: weights[{k}] must be a floating-point tensor, got "
+                f"{type(w).__name__}"
+            )
+        if not w.is_floating_point():  # complex too: its ½λ‖W‖² would need |W|², not W²
+            raise TypeError(
+                f"l2_penalty: weights[{k}] must be a floating-point tensor, got {w.dtype}"
+                + (" (complex weights are not supported)" if w.is_complex() else "")
+            )
     _same_dtype_device("l2_penalty", **{f"weights[{k}]": w for k, w in enumerate(weights)})
     fn = _pick(L2PenaltyFunction, _L2PenaltyFunctionNoJvp)
     return fn.apply(float(lam), *weights)
