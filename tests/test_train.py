@@ -262,6 +262,12 @@ def test_amp_bfloat16_on_cpu(run) -> None:
     (["--l2=-1e-4"], "--l2: must be in"),
     (["--optimizer", "rmsprop"], "--optimizer: invalid choice: 'rmsprop'"),
     (["--resume", "/nonexistent/checkpoint.pt"], "--resume /nonexistent/checkpoint.pt: no such"),
+    (["--seed", "18446744073709551616"], r"--seed: must be in \[0, 2\*\*64 - 1\]"),
+    (["--lr", "1e308"], r"--lr: must be in \(0, 1000000.0\], got 1e308"),
+    (["--lr", "inf"], "--lr: must be in"),
+    (["--l2", "1e308"], "--l2: must be in"),
+    (["--out", "/proc/torch_mlp_run"], "--out /proc/torch_mlp_run: cannot create files in /proc"),
+    (["--data-dir", "/proc/self/stat"], "--data-dir /proc/self/stat: not a directory"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_cli_values_are_argparse_errors(flags: list[str], message: str,
                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -445,3 +451,194 @@ def test_compile_smoke(run) -> None:
     result = run("--compile", "--verify-every", "7")
     assert result["test_acc"] > 0.5
     assert sum(h["verify_checks"] for h in result["history"]) == 3
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_empty_checkpoint_is_one_line_without_traceback(data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    proc = _cli("--resume", str(tmp_path / "empty.pt"), "--data-dir", str(data_dir), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("train.py: error: cannot read checkpoint"), proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_user_errors_are_one_line_without_traceback(data_dir: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["--out", str(a_file)], 2, f"--out {a_file}: exists and is not a directory"),
+        (["--out", str(a_file / "run")], 2, f"--out {a_file / 'run'}: {a_file} is a file"),
+        (["--data-dir", str(a_file)], 2, f"--data-dir {a_file}: not a directory"),
+        (["--seed", "18446744073709551616"], 2, "--seed: must be in"),
+        (["--hidden", "1000000000"], 1, "--hidden 1000000000: the model needs at least"),
+        (["--resume", str(tmp_path / "empty.pt")], 1, "cannot read checkpoint"),
+    ]
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for flags, status, message in cases:
+        proc = _cli("--data-dir", str(data_dir), "--quiet", "--out", str(tmp_path / "o"),
+                    *flags, cwd=tmp_path)
+        assert proc.returncode == status, (flags, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert message in proc.stderr, (flags, proc.stderr)
+    assert not (tmp_path / "o").exists()  # no run directory left behind by any of them
+
+
+def test_out_not_writable_is_refused_before_the_data_loads(
+    run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p).name == "ro" else real(p, m))
+    monkeypatch.setattr(T, "load_mnist", lambda *a: pytest.fail("the data was loaded"))
+    with pytest.raises(SystemExit) as exc:
+        run(out="ro/run", load=True)
+    assert exc.value.code == 2
+
+
+def test_data_error_leaves_no_run_directory(data_dir: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch_mlp.data import MNISTIntegrityError
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise MNISTIntegrityError("MNIST file x is corrupted")
+
+    monkeypatch.setattr(T, "prepare_mnist", broken)
+    with pytest.raises(MNISTIntegrityError):
+        T.main(["--data-dir", str(data_dir), "--out", str(tmp_path / "new" / "run"), *FAST])
+    assert not (tmp_path / "new").exists()
+
+
+def test_data_dir_unreadable_is_an_argparse_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == tmp_path else real(p, m))
+    with pytest.raises(SystemExit) as exc:
+        T.parse_args(["--data-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert f"--data-dir {tmp_path}: permission denied" in capsys.readouterr().err
+
+
+def test_threads_above_the_cpu_count_warns(capsys: pytest.CaptureFixture[str]) -> None:
+    n = (os.cpu_count() or 1) + 1
+    T.parse_args(["--threads", str(n)])
+    assert f"warning: --threads {n} is more than" in capsys.readouterr().err
+
+
+def test_zero_steps_per_epoch_is_a_clear_error(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two processes and one image: no process gets a sample (single process: --limit >= 1 works).
+    monkeypatch.setattr(T, "_init_distributed", lambda _: T.Dist(rank=0, world_size=2))
+    with pytest.raises(T.TrainingError, match=r"--limit 1: 1 training image.* no step over 2 "
+                       r"processes"):
+        run("--limit", "1", "--batch-size", "2")
+
+
+@pytest.mark.slow
+def test_interrupt_names_the_real_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    # Ctrl-C in epoch 1 (here: a SIGINT from inside the first step), through the CLI.
+    script = (
+        "import signal, runpy, sys, torch_mlp.functional as F\n"
+        "real = F.cross_entropy\n"
+        "def hit(*a, **k):\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "F.cross_entropy = hit\n"
+        f"sys.argv = ['train.py', '--data-dir', {str(data_dir)!r}, '--out', "
+        f"{str(tmp_path / 'run')!r}, '--limit', '200', '--hidden', '8', '--quiet']\n"
+        f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "no checkpoint was written yet" in proc.stderr and "--resume" not in proc.stderr
+
+
+def test_interrupt_after_a_checkpoint_carries_its_path(run, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(KeyboardInterrupt) as exc:
+        real = T.write_metrics_csv
+
+        def interrupt(path: Path, history: Any) -> None:
+            real(path, history)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(T, "write_metrics_csv", interrupt)
+        run()
+    assert exc.value.checkpoint == str(tmp_path / "run" / "checkpoint.pt")
+
+
+def _flip_byte_in_largest_record(path: Path) -> str:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    # Local header: 30 bytes + name + extra, then the record's data.
+    name_len = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_flipped_byte_in_a_checkpoint_is_detected(run, finished_run: Path,
+                                                  tmp_path: Path) -> None:
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(finished_run.read_bytes())
+    record = _flip_byte_in_largest_record(bad)
+    assert "data/" in record
+    with pytest.raises(T.CheckpointError, match=f"checkpoint {re.escape(str(bad))} is corrupted"):
+        T.load_checkpoint(bad)
+    with pytest.raises(T.CheckpointError, match="corrupted"):
+        run("--resume", str(bad), out="resumed")
+
+
+def test_empty_checkpoint_is_a_clear_error(run, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(T.CheckpointError, match=r"cannot read checkpoint .*empty\.pt"):
+        run("--resume", str(empty), out="resumed")
+
+
+def test_divergence_after_resume_names_the_checkpoint_that_exists(
+    run, data_dir: Path, mnist: MNISTTensors, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _interrupted_after_first_epoch(monkeypatch, lambda: run(out="from"))
+    resumable = tmp_path / "from" / "checkpoint.pt"
+    real = T.custom_loss
+    monkeypatch.setattr(T, "custom_loss", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(T.NonFiniteLossError) as exc:
+        T.main(["--resume", str(resumable), "--data-dir", str(data_dir), "--quiet",
+                "--out", str(tmp_path / "new")], data=mnist)
+    msg = str(exc.value)
+    assert f"the last good checkpoint, {resumable} (after epoch 1), is kept" in msg
+    assert "start a new run with a lower --lr" in msg and "try a lower --lr" not in msg
+
+
+def test_non_finite_weights_are_not_saved_as_a_good_checkpoint(
+    run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last step of epoch 2 (step 19) leaves NaN weights; its loss was still finite.
+    real, calls = torch.optim.SGD.step, []
+
+    def step(self: torch.optim.SGD, *a: Any, **k: Any) -> Any:
+        out = real(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 20:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    with pytest.raises(T.NonFiniteLossError, match=r"after epoch 2 .* not finite.*not saved; "
+                       r"the last good checkpoint, .*checkpoint.pt \(after epoch 1\)"):
+        run()
+    assert _load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
