@@ -725,3 +725,189 @@ def test_ignore_index_targets_outside_range_are_accepted():
     torch.testing.assert_close(
         F.cross_entropy(z, t, ignore_index=7), TF.cross_entropy(z, t, ignore_index=7)
     )
+
+
+# --------------------------------------------------------------------------------------------
+# 6. dtypes and edge shapes: complex, zero-size dims, relu over every dtype, meta tensors
+# --------------------------------------------------------------------------------------------
+def test_linear_complex128_gradcheck_and_gradgradcheck():
+    # PyTorch's conjugate Wirtinger convention: dL/dx = g · conj(weight), dL/dweight = gᵀ · conj(x).
+    x = randn(2, 3, 4, dtype=torch.complex128)
+    w, b = randn(5, 4, dtype=torch.complex128), randn(5, dtype=torch.complex128)
+    assert torch.autograd.gradcheck(F.linear, (x, w, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(F.linear, (x, w, b))
+    assert torch.autograd.gradcheck(F.linear, (x[0].detach().requires_grad_(), w, None))
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (4,), (2, 3, 4)], ids=["2d", "1d", "leading-dims"])
+def test_linear_complex64_matches_native(shape):
+    x = randn(*shape, dtype=torch.complex64)
+    w, b = randn(3, 4, dtype=torch.complex64), randn(3, dtype=torch.complex64)
+    out, grads = assert_parity(F.linear, TF.linear, [x, w, b])
+    assert out.dtype == torch.complex64 and len(grads) == 3
+
+
+COMPLEX_REFUSALS = {
+    "relu": (lambda: F.relu(torch.randn(3, dtype=torch.complex64)), r"relu: complex"),
+    "relu-inplace": (lambda: F.relu(torch.randn(3, dtype=torch.complex64), inplace=True),
+                     r"relu: complex"),
+    "linear_relu": (lambda: F.linear_relu(torch.randn(2, 3, dtype=torch.complex64),
+                                          torch.randn(4, 3, dtype=torch.complex64)),
+                    r"linear_relu: complex input is not supported.*torch.complex64"),
+    "mlp": (lambda: F.mlp(torch.randn(2, 3, dtype=torch.complex128),
+                          [torch.randn(4, 3, dtype=torch.complex128)]),
+            r"mlp: complex input is not supported.*torch.complex128"),
+    "cross_entropy": (lambda: F.cross_entropy(torch.randn(2, 3, dtype=torch.complex64),
+                                              torch.tensor([0, 1])),
+                      r"cross_entropy: expected floating-point input.*torch.complex64"),
+    "l2_penalty": (lambda: F.l2_penalty([torch.randn(2, 3, dtype=torch.complex64)], 0.1),
+                   r"l2_penalty: weights\[0\] must be a floating-point tensor, got "
+                   r"torch.complex64 \(complex weights are not supported\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPLEX_REFUSALS), ids=list(COMPLEX_REFUSALS))
+def test_complex_is_refused_where_relu_is_involved_or_native_refuses(name):
+    call, match = COMPLEX_REFUSALS[name]
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+# (x shape, weight shape, bias): every zero-size layout F.linear takes, and 1-D inputs.
+LINEAR_EDGE_SHAPES = {
+    "zero-in-leading-dims": ((2, 3, 0), (4, 0), True),
+    "zero-in-1d": ((0,), (4, 0), True),
+    "zero-in-2d": ((3, 0), (4, 0), True),
+    "zero-in-no-bias": ((2, 3, 0), (4, 0), False),
+    "zero-out": ((2, 3), (0, 3), True),
+    "zero-out-leading-dims": ((2, 5, 3), (0, 3), True),
+    "zero-out-1d": ((3,), (0, 3), False),
+    "zero-batch": ((0, 3), (4, 3), True),
+    "zero-batch-leading-dims": ((2, 0, 3), (4, 3), True),
+    "zero-everything": ((0, 0), (0, 0), True),
+    "1d": ((3,), (4, 3), True),
+    "1d-no-bias": ((3,), (4, 3), False),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR_EDGE_SHAPES), ids=list(LINEAR_EDGE_SHAPES))
+def test_linear_edge_shapes_match_native_forward_and_backward(name):
+    x_shape, w_shape, bias = LINEAR_EDGE_SHAPES[name]
+    args = [randn(*x_shape), randn(*w_shape), randn(w_shape[0]) if bias else None]
+    out, grads = assert_parity(F.linear, TF.linear, args)
+    assert out.shape == (*x_shape[:-1], w_shape[0])
+    assert [g.shape for g in grads] == [a.shape for a in args if a is not None]
+    assert torch.autograd.gradcheck(F.linear, tuple(args))
+    assert torch.autograd.gradgradcheck(F.linear, tuple(args))
+    params = [a for a in args if a is not None]
+    fused_paths = [(F.linear_relu, lambda x, w, b: TF.relu(TF.linear(x, w, b))),
+                   (lambda x, w, b: F.mlp(x, [w], [b]), TF.linear)]
+    for fused, ref in fused_paths:  # the fused Functions share linear's backward
+        torch.testing.assert_close(torch.autograd.grad(fused(*args).sum(), params),
+                                   torch.autograd.grad(ref(*args).sum(), params))
+
+
+RELU_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+@pytest.mark.parametrize("dtype", RELU_DTYPES, ids=[str(d)[6:] for d in RELU_DTYPES])
+def test_relu_every_dtype_matches_native_or_both_refuse(dtype, inplace):
+    t = torch.tensor([-3, -1, 0, 2, 5]).to(dtype)
+    try:
+        expected = TF.relu(t.clone(), inplace=inplace)
+    except (NotImplementedError, RuntimeError, TypeError):
+        with pytest.raises(TypeError, match=rf"relu: .*{dtype}"):
+            F.relu(t.clone(), inplace=inplace)
+        return
+    out = F.relu(t.clone(), inplace=inplace)
+    assert out.dtype == expected.dtype == dtype
+    assert torch.equal(out, expected)
+
+
+def test_cross_entropy_probability_target_refuses_ignore_index_as_native():
+    z, p = torch.randn(3, 4), torch.softmax(torch.randn(3, 4), 1)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported"):
+        TF.cross_entropy(z, p, ignore_index=1)
+    with pytest.raises(ValueError, match=r"ignore_index is not supported for class-probability "
+                                         r"\(floating-point\) targets, got ignore_index=1"):
+        F.cross_entropy(z, p, ignore_index=1)
+    torch.testing.assert_close(F.cross_entropy(z, p, ignore_index=-100), TF.cross_entropy(z, p))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("target", ["index", "prob"])
+def test_cross_entropy_on_meta_tensors_returns_a_meta_tensor(target, reduction):
+    z = torch.randn(3, 4, 2, device="meta", requires_grad=True)
+    t = (torch.randint(0, 4, (3, 2), device="meta") if target == "index"
+         else torch.rand(3, 4, 2, device="meta"))
+    out = F.cross_entropy(z, t, reduction=reduction)
+    ref = TF.cross_entropy(z, t, reduction=reduction)
+    assert out.is_meta and out.shape == ref.shape and out.dtype == ref.dtype
+    (grad,) = torch.autograd.grad(out, z, torch.ones_like(out))
+    assert grad.is_meta and grad.shape == z.shape
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(3, 0), (3, 0, 2), (0,)], ids=["2d", "kdim", "unbatched"])
+def test_cross_entropy_zero_classes_probability_target_matches_native(shape, label_smoothing,
+                                                                      reduction):
+    z = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(*shape, dtype=torch.float64)
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing}
+    out = F.cross_entropy(z, t, **kw)
+    ref = TF.cross_entropy(z, t, **kw)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    if reduction == "mean":
+        assert torch.isnan(out)  # native: 0 / (numel / C) with C = 0
+    (grad,) = torch.autograd.grad(out, z, torch.ones_like(out))
+    assert grad.shape == z.shape
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("target", [2, -100], ids=["class", "ignored"])
+def test_cross_entropy_unbatched_input_takes_a_one_element_target_as_native(target, reduction):
+    # Native reads a (1,) target of a (C) input as the () one in forward; its own backward
+    # then fails on the shapes, so ours is compared with the () target's gradient.
+    z = randn(4)
+    kw = {"reduction": reduction, "weight": torch.rand(4, dtype=torch.float64) + 0.5}
+    out = F.cross_entropy(z, torch.tensor([target]), **kw)
+    ref = TF.cross_entropy(z, torch.tensor([target]), **kw)
+    assert out.shape == ref.shape == ()
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    (grad,) = torch.autograd.grad(out, z)
+    (ref_grad,) = torch.autograd.grad(TF.cross_entropy(z, torch.tensor(target), **kw), z)
+    torch.testing.assert_close(grad, ref_grad, equal_nan=True)
+    with pytest.raises(ValueError, match=r"expected target of shape \(\), or \(1,\) without "
+                                         r"label smoothing, got \(2,\)"):
+        F.cross_entropy(z, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"without label smoothing, got \(1,\)"):
+        F.cross_entropy(z, torch.tensor([1]), label_smoothing=0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. the L2 value's accuracy
+# --------------------------------------------------------------------------------------------
+def test_l2_penalty_float32_value_is_as_accurate_as_the_native_formula():
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(784, 1024, generator=gen), torch.randn(1024, 10, generator=gen)]
+    lam = 1e-4
+    exact = 0.5 * lam * sum(w.double().square().sum() for w in weights)
+    native = 0.5 * lam * sum(w.square().sum() for w in weights)
+    ours = F.l2_penalty(weights, lam)
+    assert ours.dtype == torch.float32
+    native_err = (native.double() - exact).abs() / exact
+    ours_err = (ours.double() - exact).abs() / exact
+    assert ours_err <= 1.5 * native_err + 1e-12
+
+
+def test_l2_penalty_stays_exactly_differentiable():
+    a, b = randn(7, 5), randn(3)
+    fn = lambda a, b: F.l2_penalty([a, b], 0.3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, (a, b))
+    ga, gb = torch.autograd.grad(fn(a, b), [a, b])
+    torch.testing.assert_close(ga, 0.3 * a.detach())
+    torch.testing.assert_close(gb, 0.3 * b.detach())
