@@ -9,6 +9,9 @@
 3. In-place ReLU and autograd's version counter.
 4. torch.func: vmap over each functional, and jvp.
 5. Bad input: each raises, with a message naming the argument and the shapes or values.
+6. Dtypes and edge shapes: complex Linear, complex refusals, zero-size Linear layouts, ReLU over
+   every dtype, cross-entropy on meta tensors, with zero classes and unbatched (1,) targets.
+7. The L2 value's accuracy against the native formula's.
 
 Parity uses ``torch.testing.assert_close``'s defaults, which are keyed by dtype.
 """

@@ -960,8 +960,9 @@ def cross_entropy(
 
     Args:
         input: logits, (C), (N, C) or (N, C, d1, ..., dk).
-        target: class indices (int64) of shape (), (N) or (N, d1, ..., dk), or class
-            probabilities with the same shape and dtype as ``input``.
+        target: class indices (int64) of shape () (or (1,) without label smoothing, as
+            native), (N) or (N, d1, ..., dk), or class probabilities with the same shape and
+            dtype as ``input`` (then ``ignore_index`` must stay -100, as native).
         weight: per-class weight, (C).
         ignore_index: target value that contributes neither loss nor gradient (index targets).
         reduction: ``"none"`` | ``"mean"`` | ``"sum"``. With index targets, ``"mean"`` divides
