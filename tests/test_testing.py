@@ -136,26 +136,33 @@ BROKEN = {
                             lambda: (_x(2, 3), _x(3, 3)), "parity"),
 }
 FAILED_CHECK_MESSAGE = {
-    "gradcheck": r"gradcheck failed: max \|analytical − numerical\| = [0-9.e+-]+ \(atol 1e-05\)",
+    "gradcheck": r"gradcheck failed: max \|analytical − numerical\| = [0-9.e+-]+ "
+    r"\(atol 1e-05, (fast_mode|exhaustive)\)",
     "gradgradcheck": r"gradgradcheck failed: max \|analytical − numerical\| = [0-9.e+-]+",
     "parity": r"parity with the reference failed in torch.float32 on output\[0\]: "
     r"max \|ours − reference\| = [0-9.e+-]+",
 }
 
 
+MODES = pytest.mark.parametrize("fast_mode", [True, False], ids=["fast", "exhaustive"])
+
+
+@MODES
 @pytest.mark.parametrize("name", list(BROKEN), ids=list(BROKEN))
-def test_broken_function_raises_naming_the_failed_check(name):
+def test_broken_function_raises_naming_the_failed_check(name, fast_mode):
     custom, reference, make, check = BROKEN[name]
     # Anchored on the label, so "gradcheck" cannot match inside "gradgradcheck".
-    pattern = "^" + re.escape(name) + ": " + FAILED_CHECK_MESSAGE[check]
+    pattern = "^" + re.escape(name) + r" \(\w+\): " + FAILED_CHECK_MESSAGE[check]
     with pytest.raises(GradientCheckError, match=pattern):
-        check_function(custom, reference, *make(), name=name)
+        check_function(custom, reference, *make(), name=name, fast_mode=fast_mode)
 
 
+@MODES
 @pytest.mark.parametrize("name", list(BROKEN), ids=list(BROKEN))
-def test_broken_function_without_raising_returns_its_failures(name):
+def test_broken_function_without_raising_returns_its_failures(name, fast_mode):
     custom, reference, make, check = BROKEN[name]
-    result = check_function(custom, reference, *make(), name=name, raise_on_failure=False)
+    result = check_function(custom, reference, *make(), name=name, raise_on_failure=False,
+                            fast_mode=fast_mode)
     assert isinstance(result, CheckResult)
     assert result.failures, "a broken Function passed every check"
     assert any(re.match(FAILED_CHECK_MESSAGE[check], msg) for msg in result.failures)
@@ -172,8 +179,129 @@ def test_broken_function_without_raising_returns_its_failures(name):
 
 def test_relu_without_mask_error_size_is_reported():
     # At u < 0 the analytical Jacobian entry is 1 where finite differences give 0.
-    result = check_function(ReLUGradAtNegative.apply, TF.relu, _u(), raise_on_failure=False)
+    result = check_function(ReLUGradAtNegative.apply, TF.relu, _u(), raise_on_failure=False,
+                            fast_mode=False)
     assert result.gradcheck_max_err == pytest.approx(1.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# complex Functions
+# --------------------------------------------------------------------------------------------
+class ComplexLinear(Function):
+    """x · weightᵀ for complex tensors; the backward conjugates what it multiplies by."""
+
+    @staticmethod
+    def forward(x, weight):
+        return x @ weight.t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        return g @ weight.conj(), g.t() @ x.conj()
+
+
+class ComplexLinearMissingConj(ComplexLinear):
+    """The real-valued formula applied to complex tensors: grad_x = g · W without the conjugate."""
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        return g @ weight, g.t() @ x.conj()
+
+
+def _c(*shape):
+    return torch.randn(*shape, dtype=torch.complex128, requires_grad=True)
+
+
+def _native_linear(x, weight):
+    return x @ weight.t()
+
+
+@MODES
+def test_complex_function_with_conjugates_passes(fast_mode):
+    result = check_function(ComplexLinear.apply, _native_linear, _c(3, 4), _c(2, 4),
+                            fast_mode=fast_mode)
+    assert result.failures == []
+    assert result.max_err < 1e-6
+    assert set(result.parity_max_err) == {"torch.float32", "torch.float64"}
+
+
+@MODES
+def test_complex_function_missing_a_conjugate_is_caught(fast_mode):
+    result = check_function(ComplexLinearMissingConj.apply, _native_linear, _c(3, 4), _c(2, 4),
+                            fast_mode=fast_mode, raise_on_failure=False)
+    assert result.failures[0].startswith("gradcheck failed")
+    assert result.gradcheck_max_err > 1e-2
+    # grad_weight is right: only grad_x (input 0) differs from native autograd.
+    parity = [m for m in result.failures if m.startswith("parity")]
+    assert len(parity) == 2 and all("on grad[0]" in m for m in parity)
+    with pytest.raises(GradientCheckError, match="gradcheck failed"):
+        check_function(ComplexLinearMissingConj.apply, _native_linear, _c(3, 4), _c(2, 4),
+                       fast_mode=fast_mode)
+
+
+def test_complex_inputs_are_cast_for_parity():
+    seen = []
+
+    def spy(x, weight):
+        seen.append(x.dtype)
+        return ComplexLinear.apply(x, weight)
+
+    check_function(spy, _native_linear, _c(3, 4), _c(2, 4), gradgrad=False)
+    assert torch.complex64 in seen and torch.complex128 in seen  # float32 / float64 parity
+
+
+# --------------------------------------------------------------------------------------------
+# cost
+# --------------------------------------------------------------------------------------------
+class LinearWithBias(Function):
+    """x · weightᵀ + bias, written out (the backward is the textbook one)."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return x @ weight.t() + bias
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        return g @ weight, g.t() @ x, g.sum(0)
+
+
+def test_fast_mode_cost_does_not_grow_with_the_input_size():
+    # A (64, 128) Linear has 16 448 input and 4 096 output entries: a whole Jacobian takes
+    # tens of thousands of calls, the default random projections a few dozen.
+    calls = 0
+
+    def counted(*args):
+        nonlocal calls
+        calls += 1
+        return LinearWithBias.apply(*args)
+
+    result = check_function(counted, TF.linear, _x(64, 128), _x(64, 128), _x(64))
+    assert result.failures == []
+    assert 0 < calls < 200, calls
+    assert result.gradcheck_max_err < 1e-6 and result.gradgradcheck_max_err < 1e-6
+
+
+def test_fast_mode_catches_one_wrong_entry_in_a_large_jacobian():
+    # Only grad_bias[7] is wrong: a projection over 4 096 × 16 448 entries still sees it.
+    class OneWrongBiasEntry(LinearWithBias):
+        @staticmethod
+        def backward(ctx, g):
+            gx, gw, gb = LinearWithBias.backward(ctx, g)
+            return gx, gw, gb + 0.5 * (torch.arange(gb.numel()) == 7)
+
+    with pytest.raises(GradientCheckError, match="gradcheck failed"):
+        check_function(OneWrongBiasEntry.apply, None, _x(64, 128), _x(64, 128), _x(64),
+                       gradgrad=False)
 
 
 def test_missing_one_over_n_also_fails_gradient_parity():

@@ -8,15 +8,21 @@ calls your ``torch.autograd.Function``) through three checks:
 3. **parity** — its outputs and gradients against ``reference`` (the native op) on the same
    inputs, in float32 and float64, with ``torch.testing.assert_close`` tolerances.
 
+Real and complex inputs and outputs are both checked; a complex tensor is differentiated as
+its real and imaginary parts, so a missing conjugate in a backward is caught.
+
 It returns a :class:`CheckResult` with the largest error seen in each check, or raises
-:class:`GradientCheckError` naming the check that failed and by how much.
+:class:`GradientCheckError` naming the Function, the check that failed and where.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,20 +37,28 @@ PARITY_TOL: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-7, 1e-7),
     torch.float32: (1e-5, 1.3e-6),
 }
+_REPORT_LINES = 3  # Jacobian entries / probes quoted in a failure message
+_PROBE_ROUNDS = 2  # random projections per input in fast mode
 
 
 class GradientCheckError(AssertionError):
-    """A gradient check failed; the message names the check and the size of the error."""
+    """A gradient check failed; the message names the Function, the check and the error."""
 
 
 @dataclass
 class CheckResult:
-    """The largest error each check saw (absolute, in the check's own dtype)."""
+    """The largest error each check saw (absolute, in the check's own dtype).
+
+    With ``fast_mode=True`` the gradcheck / gradgradcheck errors are the largest
+    ``|uᵀ(J_analytical − J_numerical)v|`` over random unit vectors ``u``, ``v`` (one ``v`` per
+    input); with ``fast_mode=False`` they are the largest Jacobian entry error.
+    """
 
     name: str = ""
-    gradcheck_max_err: float = 0.0  # |analytical − numerical| Jacobian entries, float64
+    gradcheck_max_err: float = 0.0  # analytical vs numerical Jacobian, float64
     gradgradcheck_max_err: float = 0.0  # the same for the Jacobian of the backward
     parity_max_err: dict[str, float] = field(default_factory=dict)  # dtype -> max |ours − ref|
+    failures: list[str] = field(default_factory=list)  # one message per failed check
 
     @property
     def max_err(self) -> float:
@@ -52,12 +66,30 @@ class CheckResult:
                    *self.parity_max_err.values(), 0.0)
 
 
+def _describe(fn: Callable[..., Any]) -> str:
+    """The Function's class for ``SomeFunction.apply``, else the qualified name (and, for a
+    lambda, where it was defined), so that a failure names what the user wrote."""
+    if isinstance(fn, functools.partial):
+        return _describe(fn.func)
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
+        return owner.__qualname__
+    qual = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    code = getattr(fn, "__code__", None)
+    if qual.endswith("<lambda>") and code is not None:
+        return f"{qual} ({Path(code.co_filename).name}:{code.co_firstlineno})"
+    return qual
+
+
 def _cast(inputs: Sequence[Any], dtype: torch.dtype) -> list[Any]:
-    """Floating tensors cast to ``dtype`` (fresh leaves, requires_grad kept); others as they are."""
+    """Floating tensors cast to ``dtype``, complex ones to its complex counterpart (fresh
+    leaves, requires_grad kept); other arguments as they are."""
+    complex_dtype = torch.promote_types(dtype, torch.complex64)  # float64 -> complex128
     out = []
     for t in inputs:
-        if isinstance(t, Tensor) and t.is_floating_point():
-            out.append(t.detach().to(dtype).requires_grad_(t.requires_grad))
+        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
+            to = complex_dtype if t.is_complex() else dtype
+            out.append(t.detach().to(to).requires_grad_(t.requires_grad))
         else:
             out.append(t)
     return out
@@ -71,43 +103,137 @@ def _diff_inputs(inputs: Sequence[Any]) -> list[Tensor]:
     return [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
 
 
-def _jacobian_error(fn: Callable[..., Any], inputs: Sequence[Any], eps: float = 1e-6) -> float:
-    """max |J_analytical − J_numerical| for ``fn`` at ``inputs`` (float64 tensors).
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as its (..., 2) real view (writes go through); a real one as it is."""
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
-    J_analytical comes from the function's backward (one vector-Jacobian product per output
-    entry); J_numerical from central differences, one input entry at a time.
+
+def _index(shape: Sequence[int], flat: int, is_complex: bool = False) -> str:
+    """``[i, j]`` (``.real`` / ``.imag`` for complex) of entry ``flat`` of a real view."""
+    part = ""
+    if is_complex:
+        part, flat = (".imag" if flat % 2 else ".real"), flat // 2
+    idx = []
+    for n in reversed(shape):
+        idx.append(flat % n)
+        flat //= n
+    return ("[" + ", ".join(map(str, reversed(idx))) + "]" if idx else "") + part
+
+
+def _diff_outputs(fn: Callable[..., Any], inputs: Sequence[Any]) -> tuple[list[int], list[Tensor]]:
+    outs = _as_tuple(fn(*inputs))
+    ids = [k for k, o in enumerate(outs) if isinstance(o, Tensor) and o.requires_grad]
+    return ids, [outs[k] for k in ids]
+
+
+def _perturbed(inputs: Sequence[Any], pos: int, delta: Tensor) -> list[Any]:
+    """``inputs`` with ``inputs[pos]``'s real view shifted by ``delta`` (flat or same shape)."""
+    args = list(inputs)
+    t = args[pos].detach().resolve_conj().clone(memory_format=torch.contiguous_format)  # view(-1)
+    _real(t).view(-1).add_(delta.reshape(-1))
+    args[pos] = t.requires_grad_()
+    return args
+
+
+def _jacobian_exhaustive(
+    fn: Callable[..., Any], inputs: Sequence[Any], in_names: Sequence[str],
+    out_names: Sequence[str], atol: float, eps: float = 1e-6,
+) -> tuple[float, list[str]]:
+    """max |J_analytical − J_numerical| over every entry, and the entries that differ most.
+
+    J is the Jacobian of the outputs' real views w.r.t. the inputs' real views. Cost: one
+    backward per output entry and two calls of ``fn`` per input entry; memory O(N_out · N_in).
     """
     diff_pos = [k for k, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
     diff = [inputs[k] for k in diff_pos]
-    all_outs = _as_tuple(fn(*inputs))
-    out_ids = [k for k, o in enumerate(all_outs) if o.requires_grad]
-    analytic = []  # one (out numel, total input numel) Jacobian per differentiable output
-    for k in out_ids:
-        flat = all_outs[k].reshape(-1)
-        rows = []
+    out_ids, outs = _diff_outputs(fn, inputs)
+    cols = [(p, j) for p in diff_pos for j in range(_real(inputs[p]).numel())]
+    found: list[tuple[float, str]] = []
+    worst = 0.0
+    for k, o in zip(out_ids, outs):
+        flat = _real(o).reshape(-1)
+        analytic = torch.zeros(flat.numel(), len(cols), dtype=torch.float64)
         for i in range(flat.numel()):
-            grads = torch.autograd.grad(flat[i], diff, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1)
-                                   for g, t in zip(grads, diff)]).detach())
-        analytic.append(torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64))
+            grads = torch.autograd.grad(flat[i], diff, retain_graph=True, allow_unused=True,
+                                        materialize_grads=True)
+            analytic[i] = torch.cat([_real(g).reshape(-1) for g in grads]).detach()
+        numeric = torch.zeros_like(analytic)
+        for c, (p, j) in enumerate(cols):
+            if not flat.numel():
+                break
+            step = torch.zeros(_real(inputs[p]).numel(), dtype=torch.float64)
+            step[j] = eps
+            plus = _as_tuple(fn(*_perturbed(inputs, p, step)))[k]
+            minus = _as_tuple(fn(*_perturbed(inputs, p, -step)))[k]
+            numeric[:, c] = (_real(plus.detach()) - _real(minus.detach())).reshape(-1) / (2 * eps)
+        err = (analytic - numeric).abs()
+        if not err.numel():
+            continue
+        worst = max(worst, err.max().item())
+        top = err.reshape(-1).topk(min(_REPORT_LINES, err.numel()))
+        for e, f in zip(top.values.tolist(), top.indices.tolist()):
+            i, c = divmod(f, len(cols))
+            p, j = cols[c]
+            found.append((e, f"d {out_names[k]}{_index(o.shape, i, o.is_complex())} / "
+                             f"d {in_names[p]}{_index(inputs[p].shape, j, inputs[p].is_complex())}"
+                             f": analytical {analytic[i, c].item():.6g}, "
+                             f"numerical {numeric[i, c].item():.6g}"))
+    found.sort(key=lambda x: -x[0])
+    return worst, [text for e, text in found[:_REPORT_LINES] if e > atol]
 
-    def evaluate(pos: int, j: int, delta: float) -> list[Tensor]:
-        args = list(inputs)
-        t = args[pos].detach().clone(memory_format=torch.contiguous_format)  # view(-1) below
-        t.view(-1)[j] += delta
-        args[pos] = t.requires_grad_()
-        outs = _as_tuple(fn(*args))
-        return [outs[k].detach().reshape(-1).double() for k in out_ids]
 
-    worst, col = 0.0, 0
-    for pos in diff_pos:
-        for j in range(inputs[pos].numel()):
-            plus, minus = evaluate(pos, j, eps), evaluate(pos, j, -eps)
-            for jac, p, m in zip(analytic, plus, minus):
-                if p.numel():
-                    worst = max(worst, (jac[:, col] - (p - m) / (2 * eps)).abs().max().item())
-            col += 1
-    return worst
+def _jacobian_probes(
+    fn: Callable[..., Any], inputs: Sequence[Any], in_names: Sequence[str],
+    gen: torch.Generator, atol: float, rtol: float = 1e-3, eps: float = 1e-6,
+) -> tuple[float, list[str]]:
+    """max |uᵀ(J_analytical − J_numerical)v| over random unit vectors, and the probes that
+    fail: ``atol`` scaled by Σu · Σv (the bound an entrywise ``atol`` puts on the projection,
+    as torch's fast mode does), plus ``rtol`` · |numerical|.
+
+    Each round draws ``u`` over the outputs' real views and one ``v`` per input: non-negative in
+    the first round, like torch's, so that an error repeated along a row or column adds up;
+    signed in the second, so that an error whose rows sum to zero (a softmax's) does not cancel.
+    A round is one backward and 1 + 2 · (number of differentiable inputs) calls of ``fn``,
+    whatever the sizes.
+    """
+    diff_pos = [k for k, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+
+    found: list[tuple[float, float, str]] = []
+    for r in range(_PROBE_ROUNDS):
+        unit = functools.partial(_unit, gen=gen, signed=r > 0)
+
+        out_ids, outs = _diff_outputs(fn, inputs)
+        us = [unit(o) for o in outs]
+
+        def reduce(outs: Sequence[Tensor], us: list[Tensor] = us) -> Tensor:
+            # uᵀ · outputs, real whatever the dtype, so that one backward gives uᵀJ.
+            return sum((_real(o) * u).sum() for o, u in zip(outs, us))  # type: ignore[return-value]
+
+        if not outs:
+            break
+        grads = torch.autograd.grad(reduce(outs), [inputs[p] for p in diff_pos],
+                                    allow_unused=True, materialize_grads=True)
+        for p, g in zip(diff_pos, grads):
+            v = unit(inputs[p])
+            analytical = (_real(g) * v).sum().item()
+            plus = reduce([_as_tuple(fn(*_perturbed(inputs, p, eps * v)))[k] for k in out_ids])
+            minus = reduce([_as_tuple(fn(*_perturbed(inputs, p, -eps * v)))[k] for k in out_ids])
+            numerical = ((plus - minus) / (2 * eps)).item()
+            tol = (atol * sum(u.abs().sum().item() for u in us) * v.abs().sum().item()
+                   + rtol * abs(numerical))
+            found.append((abs(analytical - numerical), tol,
+                          f"uᵀJv for {in_names[p]} along a random direction: "
+                          f"analytical {analytical:.6g}, numerical {numerical:.6g}"))
+    found.sort(key=lambda x: -x[0])
+    worst = found[0][0] if found else 0.0
+    return worst, [text for e, tol, text in found if e > tol][:_REPORT_LINES]
+
+
+def _unit(t: Tensor, gen: torch.Generator, signed: bool) -> Tensor:
+    """A random unit vector shaped like ``t``'s real view, non-negative unless ``signed``."""
+    draw = torch.randn if signed else torch.rand
+    v = draw(_real(t).shape, dtype=torch.float64, generator=gen)
+    return v / v.norm().clamp_min(1e-300)
 
 
 def _first_order(fn: Callable[..., Any], n_inputs: int) -> Callable[..., tuple[Tensor, ...]]:
@@ -122,12 +248,130 @@ def _first_order(fn: Callable[..., Any], n_inputs: int) -> Callable[..., tuple[T
     return grads
 
 
+def _torch_check(check: Callable[..., bool], *args: Any, **kwargs: Any) -> str | None:
+    """None when torch's gradcheck / gradgradcheck passes, else the first line of its report."""
+    try:
+        check(*args, raise_exception=True, **kwargs)
+    except GradcheckError as e:
+        return str(e).splitlines()[0].rstrip(",")
+    return None
+
+
+def _finite_difference_checks(
+    custom: Callable[..., Any], x64: list[Any], result: CheckResult, fail: Callable[[str], None],
+    *, gradgrad: bool, fast_mode: bool, fd_atol: float, seed: int,
+) -> None:
+    """Checks 1 and 2: torch's verdict, and our own measure of the error with where it is."""
+    gen = torch.Generator().manual_seed(seed)
+    mode = "fast_mode" if fast_mode else "exhaustive"
+    in_names = [f"input[{k}]" for k in range(len(x64))]
+
+    def measure(fn: Callable[..., Any], inputs: list[Any], names: list[str],
+                out_names: list[str]) -> tuple[float, list[str]]:
+        if fast_mode:
+            return _jacobian_probes(fn, inputs, names, gen, fd_atol)
+        return _jacobian_exhaustive(fn, inputs, names, out_names, fd_atol)
+
+    def report(check: str, err: float, why: str, where: list[str]) -> None:
+        hint = "" if not fast_mode else "; fast_mode=False gives the Jacobian entries"
+        fail(f"{check} failed: max |analytical − numerical| = {err:.3g} "
+             f"(atol {fd_atol:g}, {mode}); {why}"
+             + "".join(f"\n    {line}" for line in where) + (hint if where else ""))
+
+    out_ids, outs = _diff_outputs(custom, x64)
+    result.gradcheck_max_err, where = measure(
+        custom, x64, in_names, [f"output[{k}]" for k in range(max(out_ids, default=0) + 1)])
+    # torch's fast mode re-runs its slow mode to word a failure: ours is seen first instead.
+    why = ("Jacobian mismatch in a random projection" if fast_mode and where else
+           _torch_check(torch.autograd.gradcheck, custom, x64, atol=fd_atol,
+                        fast_mode=fast_mode))
+    if why is not None:
+        report("gradcheck", result.gradcheck_max_err, why, where)
+    if not gradgrad:
+        return
+    g_out = [torch.randn(o.shape, dtype=o.dtype, generator=gen).requires_grad_() for o in outs]
+    diff_pos = [k for k, t in enumerate(x64) if isinstance(t, Tensor) and t.requires_grad]
+    try:
+        result.gradgradcheck_max_err, where = measure(
+            _first_order(custom, len(x64)), [*x64, *g_out],
+            in_names + [f"grad_output[{k}]" for k in out_ids],
+            [f"grad {in_names[p]}" for p in diff_pos])
+        why = ("Jacobian mismatch in a random projection" if fast_mode and where else
+               _torch_check(torch.autograd.gradgradcheck, custom, x64, g_out, atol=fd_atol,
+                            fast_mode=fast_mode))
+    except RuntimeError as e:
+        if "once_differentiable" not in str(e):
+            raise
+        fail("gradgradcheck cannot run: the backward is marked @once_differentiable, so it "
+             "has no double backward; pass gradgrad=False to check first order only")
+        return
+    if why is not None:
+        report("gradgradcheck", result.gradgradcheck_max_err, why, where)
+
+
+def _parity_error(a: Tensor, b: Tensor) -> Tensor:
+    """|a − b| with NaN = NaN and inf = inf counted equal (as assert_close does) and any other
+    NaN counted as infinitely far."""
+    same = (a == b) | (a.isnan() & b.isnan())
+    return torch.where(same, 0.0, (a - b).abs()).nan_to_num(nan=math.inf)
+
+
+def _parity(
+    custom: Callable[..., Any], reference: Callable[..., Any], inputs: Sequence[Any],
+    result: CheckResult, fail: Callable[[str], None], *, dtype: torch.dtype,
+    tol: tuple[float, float], seed: int,
+) -> None:
+    """Check 3 in one dtype: outputs, and every input gradient for a random upstream gradient."""
+    rtol, atol = tol
+    a_in, b_in = _cast(inputs, dtype), _cast(inputs, dtype)
+    a_out, b_out = _as_tuple(custom(*a_in)), _as_tuple(reference(*b_in))
+    gen = torch.Generator().manual_seed(seed)
+    pairs: list[tuple[str, Tensor, Tensor]] = [
+        (f"output[{k}]", a, b) for k, (a, b) in enumerate(zip(a_out, b_out))
+    ]
+    diffs = [(a, b) for a, b in zip(a_out, b_out) if a.requires_grad]
+    if diffs:
+        g = [torch.randn(a.shape, dtype=a.dtype, generator=gen) for a, _ in diffs]
+        ga = torch.autograd.grad([a for a, _ in diffs], _diff_inputs(a_in), g,
+                                 allow_unused=True, materialize_grads=True)
+        gb = torch.autograd.grad([b for _, b in diffs], _diff_inputs(b_in), g,
+                                 allow_unused=True, materialize_grads=True)
+        diff_pos = [k for k, t in enumerate(a_in) if isinstance(t, Tensor) and t.requires_grad]
+        pairs += [(f"grad[{k}]", a, b) for k, a, b in zip(diff_pos, ga, gb)]
+    worst = 0.0
+    for what, a, b in pairs:
+        a, b = a.detach(), b.detach()
+        if a.shape != b.shape:
+            result.parity_max_err[str(dtype)] = math.inf
+            fail(f"parity with the reference failed in {dtype} on {what}: shape "
+                 f"{tuple(a.shape)} (ours) vs {tuple(b.shape)} (reference)")
+            return
+        err = _parity_error(a, b)
+        worst = max(worst, err.max().item() if err.numel() else 0.0)
+        close = torch.isclose(a, b.to(a.dtype), rtol=rtol, atol=atol, equal_nan=True)
+        if a.dtype != b.dtype or not bool(close.all()):
+            result.parity_max_err[str(dtype)] = worst
+            flat = int(err.reshape(-1).argmax()) if err.numel() else 0
+            at = _index(a.shape, flat)
+            fail(f"parity with the reference failed in {dtype} on {what}: "
+                 f"max |ours − reference| = {err.max().item():.3g} "
+                 f"(rtol {rtol:g}, atol {atol:g}), at {what}{at}: "
+                 f"ours {a.reshape(-1)[flat].item():.6g}, "
+                 f"reference {b.reshape(-1)[flat].item():.6g}; "
+                 f"{int((~close).sum())} / {close.numel()} entries differ"
+                 + (f"; dtype {a.dtype} (ours) vs {b.dtype} (reference)"
+                    if a.dtype != b.dtype else ""))
+            return
+    result.parity_max_err[str(dtype)] = worst
+
+
 def check_function(
     custom: Callable[..., Any],
     reference: Callable[..., Any] | None,
     *inputs: Any,
     name: str = "",
     gradgrad: bool = True,
+    fast_mode: bool = True,
     parity_dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
     tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
     fd_atol: float = 1e-5,
@@ -136,16 +380,26 @@ def check_function(
 ) -> CheckResult:
     """Check ``custom``'s gradients three ways; see the module docstring.
 
+    Cost: with ``fast_mode=True`` (the default) gradcheck and gradgradcheck compare random
+    projections ``uᵀJv`` of the Jacobians (torch's ``fast_mode``), so ``custom`` is called
+    O(number of input and output tensors) times, about 20-40 calls for a Linear, whatever the
+    tensor sizes, and memory stays O(size of the inputs and outputs). ``fast_mode=False``
+    builds every Jacobian entry: O(N_in + N_out) calls of ``custom`` and O(N_in · N_out) memory,
+    N being the number of (real) entries, e.g. minutes and GBs for a (64, 128) Linear; use it on
+    small inputs, where it quotes the Jacobian entries that differ most.
+
     Args:
-        custom: the function under test, e.g. ``lambda x, w: MyFunction.apply(x, w)``.
+        custom: the function under test, e.g. ``MyFunction.apply``.
         reference: a native function with the same signature, or None to skip parity.
-        inputs: its arguments. Floating tensors with ``requires_grad=True`` are differentiated;
-            other arguments (integer targets, Python values) are passed as they are.
-        gradgrad: also check double backward.
-        parity_dtypes: the dtypes of the parity check.
+        inputs: its arguments. Floating and complex tensors with ``requires_grad=True`` are
+            differentiated; other arguments (integer targets, Python values) are passed as they are.
+        name: the label in results and messages; defaults to the Function's name.
+        gradgrad: also check double backward (False for a ``once_differentiable`` backward).
+        fast_mode: random projections instead of whole Jacobians; see Cost above.
+        parity_dtypes: the dtypes of the parity check (complex inputs take the complex twin).
         tolerances: ``{dtype: (rtol, atol)}`` for parity; defaults to :data:`PARITY_TOL`.
         fd_atol: the finite-difference checks' absolute tolerance (float64).
-        seed: seeds the random upstream gradients.
+        seed: seeds the random upstream gradients and projections.
         raise_on_failure: raise :class:`GradientCheckError` on the first failed check; with
             False, failures are returned in the result (``result.failures``).
 
@@ -153,79 +407,29 @@ def check_function(
         A :class:`CheckResult`; its ``failures`` list is empty when every check passed.
     """
     tol = {**PARITY_TOL, **(tolerances or {})}
-    label = name or getattr(custom, "__name__", "custom")
-    result = CheckResult(name=label)
-    result.failures = []  # type: ignore[attr-defined]
+    described = _describe(custom)
+    result = CheckResult(name=name or described)
+    label = described if not name or name == described else f"{name} ({described})"
 
     def fail(msg: str) -> None:
-        result.failures.append(msg)  # type: ignore[attr-defined]
+        result.failures.append(msg)
         if raise_on_failure:
             raise GradientCheckError(f"{label}: {msg}")
 
     x64 = _cast(inputs, torch.float64)
     if not _diff_inputs(x64):
         raise ValueError("check_function: no input requires grad; nothing to check")
+    for dtype in parity_dtypes if reference is not None else ():
+        if dtype not in tol:
+            raise ValueError(f"check_function: no parity tolerance for {dtype}; pass "
+                             f"tolerances={{{dtype}: (rtol, atol)}}")
 
-    # 1. gradcheck: torch's verdict, and the size of the worst Jacobian error.
-    try:
-        torch.autograd.gradcheck(custom, x64, atol=fd_atol, raise_exception=True)
-        ok = True
-    except GradcheckError as e:  # pragma: no branch
-        ok, why = False, str(e).splitlines()[0]
-    result.gradcheck_max_err = _jacobian_error(custom, x64)
-    if not ok:
-        fail(f"gradcheck failed: max |analytical − numerical| = "
-             f"{result.gradcheck_max_err:.3g} (atol {fd_atol:g}); {why}")
-
-    # 2. gradgradcheck: the same on the backward itself, against random upstream gradients.
-    if gradgrad:
-        gen = torch.Generator().manual_seed(seed)
-        outs = [o for o in _as_tuple(custom(*x64)) if o.requires_grad]
-        g_out = [torch.randn(o.shape, dtype=o.dtype, generator=gen).requires_grad_()
-                 for o in outs]
-        try:
-            torch.autograd.gradgradcheck(custom, x64, g_out, atol=fd_atol, raise_exception=True)
-            ok = True
-        except GradcheckError as e:
-            ok, why = False, str(e).splitlines()[0]
-        result.gradgradcheck_max_err = _jacobian_error(_first_order(custom, len(x64)),
-                                                       [*x64, *g_out])
-        if not ok:
-            fail(f"gradgradcheck failed: max |analytical − numerical| = "
-                 f"{result.gradgradcheck_max_err:.3g} (atol {fd_atol:g}); {why}")
-
-    # 3. parity with the native reference: outputs and every input gradient.
+    _finite_difference_checks(custom, x64, result, fail, gradgrad=gradgrad,
+                              fast_mode=fast_mode, fd_atol=fd_atol, seed=seed)
     if reference is not None:
         for dtype in parity_dtypes:
-            rtol, atol = tol[dtype]
-            a_in, b_in = _cast(inputs, dtype), _cast(inputs, dtype)
-            a_out, b_out = _as_tuple(custom(*a_in)), _as_tuple(reference(*b_in))
-            gen = torch.Generator().manual_seed(seed)
-            pairs: list[tuple[str, Tensor, Tensor]] = [
-                (f"output[{k}]", a, b) for k, (a, b) in enumerate(zip(a_out, b_out))
-            ]
-            diffs = [(a, b) for a, b in zip(a_out, b_out) if a.requires_grad]
-            if diffs:
-                g = [torch.randn(a.shape, dtype=a.dtype, generator=gen) for a, _ in diffs]
-                ga = torch.autograd.grad([a for a, _ in diffs], _diff_inputs(a_in), g,
-                                         allow_unused=True, materialize_grads=True)
-                gb = torch.autograd.grad([b for _, b in diffs], _diff_inputs(b_in), g,
-                                         allow_unused=True, materialize_grads=True)
-                pairs += [(f"grad[{k}]", a, b) for k, (a, b) in enumerate(zip(ga, gb))]
-            worst = 0.0
-            for what, a, b in pairs:
-                err = (a.detach() - b.detach()).abs().nan_to_num(0.0)
-                worst = max(worst, err.max().item() if err.numel() else 0.0)
-                try:
-                    torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol,
-                                               equal_nan=True)
-                except AssertionError as e:
-                    result.parity_max_err[str(dtype)] = worst
-                    fail(f"parity with the reference failed in {dtype} on {what}: "
-                         f"max |ours − reference| = {err.max().item():.3g} "
-                         f"(rtol {rtol:g}, atol {atol:g}). {str(e).splitlines()[0]}")
-                    break
-            result.parity_max_err[str(dtype)] = worst
+            _parity(custom, reference, inputs, result, fail, dtype=dtype, tol=tol[dtype],
+                    seed=seed)
     return result
 
 
