@@ -8,9 +8,11 @@ import importlib
 from typing import Any
 
 from . import functional
+from ._dispatch import use_native
 from .modules import MLP, CrossEntropyLoss, Linear, ReLU, convert
 
-__all__ = ["MLP", "CrossEntropyLoss", "Linear", "ReLU", "convert", "functional", "testing"]
+__all__ = ["MLP", "CrossEntropyLoss", "Linear", "ReLU", "convert", "functional", "testing",
+           "use_native"]
 __version__ = "0.1.0"
 
 

@@ -21,8 +21,11 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor
 from torch.autograd import Function
+
+from ._dispatch import native_enabled
 
 __all__ = [
     "L2PenaltyFunction",
@@ -803,6 +806,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     Under autocast, runs in the autocast dtype (float16 / bfloat16), as ``F.linear`` does.
     """
+    if native_enabled():
+        return TF.linear(x, weight, bias)
     return _linear_call("linear", LinearFunction, _LinearFunctionNoJvp, x, weight, bias)
 
 
@@ -811,6 +816,8 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     :class:`LinearReLUFunction` (the same values and gradients, less overhead); ``MLP`` runs
     its Linear → ReLU pairs through it. Arguments and checks as :func:`linear`.
     """
+    if native_enabled():
+        return TF.relu(TF.linear(x, weight, bias))
     return _linear_call("linear_relu", LinearReLUFunction, _LinearReLUFunctionNoJvp, x, weight,
                         bias)
 
@@ -925,6 +932,8 @@ def relu(u: Tensor, inplace: bool = False) -> Tensor:
     catches a later use of the overwritten values. Bool and complex tensors are refused, as
     ``F.relu`` refuses them; other dtypes keep their dtype.
     """
+    if native_enabled():
+        return TF.relu(u, inplace=inplace)
     dtype = u.dtype
     if dtype == torch.bool:  # clamp_min(0) would promote it to int64
         raise TypeError("relu: Boolean inputs are not supported, got torch.bool")
@@ -971,6 +980,9 @@ def cross_entropy(
 
     Under autocast it computes in float32, as the native op does.
     """
+    if native_enabled():
+        return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
+                                reduction=reduction, label_smoothing=label_smoothing)
     # The checks read each tensor attribute once: each read costs ~0.1-0.3 µs, and this runs
     # on every step (bench/: the wrapper's checks were ~15 µs of a ~50 µs loss at B=128).
     _check_reduction(reduction)
@@ -1131,6 +1143,8 @@ def l2_penalty(weights: Sequence[Tensor] | Tensor, lam: float) -> Tensor:
     if isinstance(weights, Tensor):
         weights = [weights]
     weights = list(weights)
+    if native_enabled():  # the same formula in native ops, autograd's backward
+        return 0.5 * lam * sum(w.square().sum() for w in weights)
     if isinstance(lam, Tensor):
         raise TypeError("l2_penalty: lam must be a Python number, got a Tensor")
     if not lam >= 0:  # also refuses NaN
