@@ -7,12 +7,12 @@ Swap ``torch.nn`` for ``torch_mlp`` and the same model trains with the hand-deri
 import importlib
 from typing import Any
 
-from . import functional
+from . import functional, verify
 from ._dispatch import use_native
 from .modules import MLP, CrossEntropyLoss, Linear, ReLU, convert
 
 __all__ = ["MLP", "CrossEntropyLoss", "Linear", "ReLU", "convert", "functional", "testing",
-           "use_native"]
+           "use_native", "verify"]
 __version__ = "0.1.0"
 
 

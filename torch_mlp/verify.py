@@ -1,0 +1,503 @@
+"""Check the hand-derived gradients against native autograd, live, inside any training loop.
+
+After ``loss.backward()``, :func:`check` runs the step's loss twice more and compares with the
+``.grad`` s already there ("ours"):
+
+* under :func:`torch_mlp.use_native`, in the training dtype and autocast state: native
+  autograd's gradients ("native"), which ours should match up to rounding;
+* under ``use_native()`` with the parameters, floating buffers and floating inputs in float64
+  and autocast off: the same math nearly exact, which measures native's own rounding error.
+
+Example (a plain PyTorch loop)::
+
+    def compute_loss(model, x, y):
+        return F.cross_entropy(model(x), y) + F.l2_penalty(weights(model), 1e-4)
+
+    loss = compute_loss(model, x, y)
+    opt.zero_grad()
+    loss.backward()
+    if step % 100 == 0:
+        torch_mlp.verify.check(model, compute_loss, x, y, loss=loss)  # raises VerifyError if off
+    opt.step()
+
+Why ``check(model, loss_fn, *inputs)`` with ``loss_fn(model, *inputs)``, rather than a closure
+without arguments: the float64 pass needs the inputs in float64, and tensors a closure captured
+cannot be converted from outside. So the inputs come as arguments: floating tensors among them
+(also inside lists, tuples and dicts) are cast to float64 for that pass, the rest (integer
+targets, numbers) passes as is. The parameters are swapped for float64 copies on the module
+object itself (``torch.func.functional_call``) for the length of the call, so a ``loss_fn`` that
+reads ``model`` from its closure (e.g. for an L2 term) sees them too; only the floating tensors
+it reads must come through ``inputs``. Under DDP, ``loss_fn`` receives the wrapped module
+(``model.module``): call that, not the DDP wrapper, whose forward prepares a gradient all-reduce.
+
+For a loop that checks many steps, :class:`Verifier` keeps the GradScaler, autocast and
+tolerance settings and counts checks and skipped (non-finite) steps; ``summary()`` tells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ._dispatch import use_native
+
+__all__ = ["VERIFY_K", "VERIFY_RTOL", "Report", "Row", "Verifier", "VerifyError", "check"]
+
+# The tolerance. For each parameter's gradient, with g_ours and g_native computed in the
+# training dtype and g_64 the same math in float64:
+#
+#     max|g_ours − g_native| ≤ rtol · max|g_native| + K · max|g_native − g_64|
+#
+# rtol is the dtype's (torch.testing's defaults). The second term is native autograd's own
+# rounding error on this very batch, times K. It is needed: near convergence a gradient is a
+# small difference of large terms (p − q, all the more with label smoothing), so any fixed
+# relative tolerance fails in the end while both implementations merely round differently.
+# Measured on MNIST (CPU, 320 checks over a 20-epoch run): our error against float64 stayed
+# within 3× native's, while max|g_ours − g_native| / max|g_native| grew from 2e-7 to 1.1e-5.
+# A real bug, such as a dropped 1/N, is off by about the gradient itself, ~1e5× the tolerance.
+VERIFY_RTOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-7,
+    torch.float32: 1.3e-6,
+    torch.bfloat16: 1.6e-2,
+    torch.float16: 1e-3,
+}
+VERIFY_K = 10.0
+# The loss VALUE is one scalar, so native's rounding error on it is a single draw that can be
+# ~0 by luck (a sum rounded in another order, e.g. ½λ·W·W against ½λ·ΣW², may then look wrong).
+# Its tolerance, rtol·|loss_64| + K·max(|loss_native − loss_64|, floor), has a floor: the
+# rounding error the compute dtype allows in this loss, measured by running the float64 pass
+# again with every op's result rounded at random to the compute dtype's precision
+# (result·(1 + δ), |δ| ≤ u = eps/2, Monte Carlo arithmetic), LOSS_FLOOR_DRAWS times.
+LOSS_FLOOR_DRAWS = 2
+
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+class VerifyError(AssertionError):
+    """Ours differs from native autograd beyond tolerance; ``.report`` has every number."""
+
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Row:
+    """One compared quantity: a parameter's gradient, or (name ``"loss"``) the loss value.
+
+    For a gradient, ``abs`` is max|ours − native| and ``tol`` = rtol·max|native| +
+    K·native_err; for the loss, ``abs`` is |ours − float64| and ``tol`` = rtol·|float64| +
+    K·max(native_err, floor). ``used`` = abs / tol (over 1: out of tolerance)."""
+
+    name: str
+    abs: float
+    rel: float  # abs / max|native| (loss: / |float64|)
+    tol: float
+    used: float
+    ours_err: float  # max|ours − float64|
+    native_err: float  # max|native − float64|
+
+
+@dataclass
+class Report:
+    """One check's numbers. ``rows``: the loss first (when compared), then every parameter."""
+
+    rows: list[Row] = field(default_factory=list)
+    dtype: torch.dtype | None = None  # the compute dtype the tolerance is for
+    rtol: float = 0.0
+    k: float = VERIFY_K
+    loss_floor: float = 0.0
+    skipped: bool = False  # a non-finite step: nothing compared
+    used_all: float = 0.0  # worst `used` over all rows (under DDP: over all processes)
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped or self.used_all <= 1  # `<=`: NaN is not ok
+
+    @property
+    def worst(self) -> Row | None:
+        """The row closest to (or furthest past) its tolerance; None when skipped."""
+        if not self.rows:
+            return None
+        return max(self.rows, key=lambda r: math.inf if math.isnan(r.used) else r.used)
+
+    def __str__(self) -> str:
+        if self.skipped:
+            return "verify: step skipped (non-finite loss or gradients)"
+        w = max([len("name"), *(len(r.name) for r in self.rows)])
+        head = (f"verify vs native autograd ({self.dtype}, tol = {self.rtol:.1e}·max|native| + "
+                f"{self.k:g}·native's error vs float64): {'ok' if self.ok else 'FAILED'}")
+        cols = f"{'name':<{w}}  {'abs diff':>9}  {'rel diff':>9}  {'tol':>9}  {'used':>6}  " \
+               f"{'ours err':>9}  {'nat. err':>9}"
+        lines = [head, cols]
+        for r in self.rows:
+            lines.append(f"{r.name:<{w}}  {r.abs:9.2e}  {r.rel:9.2e}  {r.tol:9.2e}  "
+                         f"{100 * r.used:5.0f}%  {r.ours_err:9.2e}  {r.native_err:9.2e}")
+        return "\n".join(lines)
+
+
+class _Bound(nn.Module):
+    """loss_fn(model, *inputs) as a module, so functional_call swaps the parameters for
+    everything loss_fn reaches through the model, not only for model.forward."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *inputs: Any) -> Tensor:
+        return self.loss_fn(self.model, *inputs)
+
+
+class _RoundingNoise(TorchFunctionMode):
+    """Every floating result times (1 + δ), δ uniform in [-u, u]: the rounding of a dtype
+    with unit roundoff u, simulated in float64. In-place ops are left alone (aliasing)."""
+
+    def __init__(self, u: float, seed: int) -> None:
+        super().__init__()
+        self.u = u
+        self.seed = seed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") \
+                or name == "__setitem__" or not isinstance(out, Tensor) \
+                or out.dtype != torch.float64:
+            return out
+        self.seed += 1
+        gen = torch.Generator(device=out.device).manual_seed(self.seed)
+        noise = torch.rand(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+        return out * (1 + self.u * (2 * noise - 1))
+
+
+def _to64(obj: Any) -> Any:
+    """Floating tensors (also in lists, tuples, dicts) as float64, complex as complex128."""
+    if isinstance(obj, Tensor):
+        if obj.is_complex():
+            return obj.detach().to(torch.complex128)
+        return obj.detach().double() if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to64(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to64(v) for k, v in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def _untouched(module: nn.Module, params: list[Tensor]) -> Iterator[None]:
+    """Leave the buffers (BatchNorm's running stats) and the RNG streams as they were, so a
+    checked run trains exactly as an unchecked one."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, s in saved:
+                b.copy_(s)
+
+
+def _no_autocast(device_type: str) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for dt in {device_type, "cpu"}:
+        stack.enter_context(torch.autocast(dt, enabled=False))
+    return stack
+
+
+def _scalar(loss: Any, what: str) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = list(loss.shape) if isinstance(loss, Tensor) else ""
+        raise TypeError(f"verify: loss_fn must return a one-element Tensor, got "
+                        f"{type(loss).__name__}{shape} ({what})")
+    return loss.reshape(())
+
+
+class Verifier:
+    """Checks steps of one model against native autograd; counts checks and skipped steps.
+
+    Args:
+        model: the model whose ``.grad`` s are checked (an ``nn.Module``, or a
+            ``DistributedDataParallel`` wrapping one: then the all-reduced gradients are
+            compared with native and float64 gradients averaged the same way, and every process
+            reaches the same verdict).
+        scaler: the ``torch.amp.GradScaler`` of the loop, if any; ``check`` unscales the
+            gradients first (through ``optimizer``, which is then required), and skips a step
+            whose gradients are non-finite (an overflow the scaler skips too).
+        optimizer: the optimizer the scaler unscales (needed with ``scaler``).
+        autocast: the autocast dtype of the step for the native pass; ``None``: autocast as it
+            is where ``check`` is called; ``False``: none.
+        rtol: overrides ``VERIFY_RTOL[dtype]``.
+        k: the multiple of native's own rounding error allowed (``VERIFY_K``).
+        raise_on_failure: raise :class:`VerifyError` when out of tolerance (else return the
+            failing report).
+    """
+
+    def __init__(self, model: nn.Module, *, scaler: torch.amp.GradScaler | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 autocast: torch.dtype | bool | None = None, rtol: float | None = None,
+                 k: float = VERIFY_K, raise_on_failure: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Verifier: model must be an nn.Module, got {type(model).__name__}")
+        if scaler is not None and optimizer is None:
+            raise ValueError("Verifier: scaler needs optimizer, to unscale the gradients with "
+                             "scaler.unscale_(optimizer) before comparing them")
+        if autocast is True or not (autocast is None or autocast is False
+                                    or isinstance(autocast, torch.dtype)):
+            raise TypeError(f"Verifier: autocast must be a torch.dtype, None or False, got "
+                            f"{autocast!r}")
+        if rtol is not None and not rtol >= 0:
+            raise ValueError(f"Verifier: rtol must be >= 0, got {rtol}")
+        if not k >= 0:
+            raise ValueError(f"Verifier: k must be >= 0, got {k}")
+        self.model, self.scaler, self.optimizer = model, scaler, optimizer
+        self.autocast, self.rtol, self.k = autocast, rtol, k
+        self.raise_on_failure = raise_on_failure
+        self.checks = 0
+        self.skipped = 0
+        self.max_rel = 0.0  # max |g_ours − g_native| / max |g_native| over parameters and checks
+        self.max_used = 0.0  # max abs diff / tolerance, over rows and checks
+        self.seconds = 0.0
+        self.last: Report | None = None
+
+    def summary(self) -> str:
+        """One line: how many checks, the worst relative difference and tolerance used."""
+        if self.checks == 0 and self.skipped == 0:
+            return "verify: no checks"
+        s = (f"verify ok ({self.checks} check{'s' * (self.checks != 1)}, max rel diff "
+             f"{self.max_rel:.1e}, {100 * self.max_used:.0f}% of tolerance, "
+             f"{self.seconds:.2f} s)")
+        return s + (f", {self.skipped} skipped (non-finite loss or gradients)"
+                    if self.skipped else "")
+
+    # ------------------------------------------------------------------------------------------
+    def _ddp(self) -> tuple[nn.Module, Any]:
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.module, self.model.process_group
+        return self.model, None
+
+    def _autocast(self, device_type: str) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()  # as it is at the call
+        if self.autocast is False:
+            return torch.autocast(device_type, enabled=False)
+        return torch.autocast(device_type, dtype=self.autocast)
+
+    def _compute_dtype(self, device_type: str, param_dtype: torch.dtype) -> torch.dtype:
+        if isinstance(self.autocast, torch.dtype):
+            return self.autocast
+        if self.autocast is None and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return _REAL.get(param_dtype, param_dtype)
+
+    def _unscale(self) -> None:
+        if self.scaler is None:
+            return
+        try:
+            self.scaler.unscale_(self.optimizer)
+        except RuntimeError as e:  # the loop unscaled already (e.g. to clip): fine
+            if "already been called" not in str(e):
+                raise
+
+    def check(self, loss_fn: Callable[..., Tensor], *inputs: Any,
+              loss: Tensor | None = None) -> Report:
+        """Compare the ``.grad`` s (and the loss value) with native autograd's and float64's.
+
+        Args:
+            loss_fn: ``loss_fn(model, *inputs) -> Tensor``, the step's loss, computed exactly as
+                the step computed it (the ``.grad`` s must hold its gradient, nothing more).
+            *inputs: the tensors (and other arguments) the loss reads; see the module docstring.
+            loss: the loss value the step computed (unscaled); if omitted, it is recomputed.
+
+        Returns a :class:`Report`; raises :class:`VerifyError` if out of tolerance (unless
+        ``raise_on_failure=False``).
+        """
+        t0 = time.perf_counter()
+        inner, group = self._ddp()
+        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("verify: the model has no parameters that require grad")
+        _refuse_dropout(inner)
+        names, params = [n for n, _ in named], [p for _, p in named]
+        if all(p.grad is None for p in params):
+            raise ValueError("verify: no parameter has a .grad: call loss.backward() before "
+                             "check()")
+        self._unscale()
+        ours = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+        device_type = params[0].device.type
+        dtype = self._compute_dtype(device_type, params[0].dtype)
+        rtol = self.rtol if self.rtol is not None else VERIFY_RTOL.get(dtype)
+        if rtol is None:
+            raise ValueError(f"verify: no tolerance for {dtype}; pass rtol=")
+
+        with _untouched(inner, params):
+            if loss is None:
+                with torch.no_grad(), self._autocast(device_type):
+                    loss = _scalar(loss_fn(inner, *inputs), "ours")
+            if self._skip(loss, ours, params[0].device, group):
+                self.skipped += 1
+                self.seconds += time.perf_counter() - t0
+                self.last = Report(skipped=True, dtype=dtype, rtol=rtol, k=self.k)
+                return self.last
+            native_l, native = self._native(loss_fn, inputs, inner, params, device_type)
+            exact_l, exact, floor = self._exact(loss_fn, inputs, inner, named, device_type, dtype)
+        if group is not None:  # DDP averaged ours over the processes; do the same here
+            native, exact = _all_mean(native, group), _all_mean(exact, group)
+        rows = [_loss_row(loss, native_l, exact_l, rtol, self.k, floor)]
+        rows += [_grad_row(n, g, gn, ge, rtol, self.k)
+                 for n, g, gn, ge in zip(names, ours, native, exact)]
+        report = Report(rows=rows, dtype=dtype, rtol=rtol, k=self.k, loss_floor=floor)
+        worst = torch.tensor([max(r.used for r in rows), max(r.rel for r in rows[1:])],
+                             dtype=torch.float64, device=params[0].device)
+        worst = torch.nan_to_num(worst, nan=math.inf)
+        if group is not None:  # every process must reach the same verdict
+            dist.all_reduce(worst, dist.ReduceOp.MAX, group=group)
+        report.used_all, rel = worst.tolist()
+        self.checks += 1
+        self.seconds += time.perf_counter() - t0
+        self.last = report
+        self.max_used = max(self.max_used, report.used_all)
+        self.max_rel = max(self.max_rel, rel)
+        if not report.ok and self.raise_on_failure:
+            raise VerifyError(_failure(report), report)
+        return report
+
+    def _skip(self, loss: Tensor, ours: list[Tensor], device: torch.device, group: Any) -> bool:
+        """A non-finite loss, or (with a scaler) non-finite gradients: no verdict on the
+        backward. Under DDP, one process's skip is everyone's."""
+        finite = torch.isfinite(loss.detach()).to(device, torch.float64).reshape(1)
+        if self.scaler is not None:
+            finite = finite * torch.stack([torch.isfinite(g).all() for g in ours]).all()
+        if group is not None:
+            dist.all_reduce(finite, dist.ReduceOp.MIN, group=group)
+        return bool(finite.item() < 1)
+
+    def _native(self, loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...], inner: nn.Module,
+                params: list[Tensor], device_type: str) -> tuple[Tensor, list[Tensor]]:
+        # Scaled as ours was, so that float16 underflows alike.
+        scale = 1.0 if self.scaler is None else float(self.scaler.get_scale())
+        with torch.enable_grad(), use_native(), self._autocast(device_type):
+            native_l = _scalar(loss_fn(inner, *inputs), "native pass")
+        grads = torch.autograd.grad(native_l * scale, params, allow_unused=True)
+        return native_l.detach(), [torch.zeros_like(p) if g is None else g / scale
+                                   for p, g in zip(params, grads)]
+
+    def _exact(self, loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...], inner: nn.Module,
+               named: list[tuple[str, Tensor]], device_type: str, dtype: torch.dtype
+               ) -> tuple[Tensor, list[Tensor], float]:
+        bound = _Bound(inner, loss_fn)
+        p64 = {f"model.{n}": _to64(p).requires_grad_() for n, p in named}
+        b64 = {f"model.{n}": _to64(b).clone() for n, b in inner.named_buffers()}
+        x64 = _to64(inputs)
+        try:
+            with torch.enable_grad(), use_native(), _no_autocast(device_type):
+                exact_l = _scalar(torch.func.functional_call(bound, {**p64, **b64}, x64),
+                                  "float64 pass")
+                exact = torch.autograd.grad(exact_l, list(p64.values()), allow_unused=True)
+                floor = 0.0
+                with torch.no_grad():
+                    u = torch.finfo(dtype).eps / 2
+                    for seed in range(LOSS_FLOOR_DRAWS):
+                        with _RoundingNoise(u, seed * 1_000_003):
+                            noisy = torch.func.functional_call(bound, {**p64, **b64}, x64)
+                        floor = max(floor, abs(float(noisy) - float(exact_l)))
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"verify: loss_fn failed in the float64 pass ({e}). Every floating tensor the "
+                f"loss reads must come through check()'s inputs, which are cast to float64, "
+                f"not from loss_fn's closure") from e
+        return exact_l.detach(), [torch.zeros_like(p) if g is None else g
+                                  for p, g in zip(p64.values(), exact)], floor
+
+
+def check(model: nn.Module, loss_fn: Callable[..., Tensor], *inputs: Any,
+          loss: Tensor | None = None, scaler: torch.amp.GradScaler | None = None,
+          optimizer: torch.optim.Optimizer | None = None,
+          autocast: torch.dtype | bool | None = None, rtol: float | None = None,
+          k: float = VERIFY_K, raise_on_failure: bool = True) -> Report:
+    """Check one step: ``Verifier(model, ...).check(loss_fn, *inputs, loss=loss)``.
+
+    Call it after ``loss.backward()`` and before ``optimizer.step()``; ``loss_fn(model,
+    *inputs)`` must compute the loss whose gradient is in the ``.grad`` s. Arguments as
+    :class:`Verifier` and :meth:`Verifier.check`.
+
+    Examples::
+
+        >>> loss = compute_loss(model, x, y)
+        >>> loss.backward()
+        >>> print(torch_mlp.verify.check(model, compute_loss, x, y, loss=loss))
+    """
+    return Verifier(model, scaler=scaler, optimizer=optimizer, autocast=autocast, rtol=rtol,
+                    k=k, raise_on_failure=raise_on_failure).check(loss_fn, *inputs, loss=loss)
+
+
+def _refuse_dropout(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(
+                f"verify: {name or 'the model'} is a {type(m).__name__} in training mode: each "
+                f"pass would draw another mask, so the gradients cannot be compared; check in "
+                f"eval() mode or with p=0")
+
+
+def _all_mean(tensors: list[Tensor], group: Any) -> list[Tensor]:
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _used(diff: float, tol: float) -> float:
+    return diff / tol if tol > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _grad_row(name: str, ours: Tensor, native: Tensor, exact: Tensor, rtol: float, k: float
+              ) -> Row:
+    ours, native, exact = (t.detach().to(exact.dtype) for t in (ours, native, exact))
+    diff = (ours - native).abs().max().item() if ours.numel() else 0.0
+    scale = native.abs().max().item() if native.numel() else 0.0
+    native_err = (native - exact).abs().max().item() if native.numel() else 0.0
+    ours_err = (ours - exact).abs().max().item() if ours.numel() else 0.0
+    tol = rtol * scale + k * native_err
+    return Row(name, diff, diff / scale if scale > 0 else diff, tol, _used(diff, tol), ours_err,
+               native_err)
+
+
+def _loss_row(ours: Tensor, native: Tensor, exact: Tensor, rtol: float, k: float, floor: float
+              ) -> Row:
+    ours_v, native_v, exact_v = (float(t.detach().double()) for t in (ours, native, exact))
+    diff = abs(ours_v - exact_v)
+    native_err = abs(native_v - exact_v)
+    tol = rtol * abs(exact_v) + k * max(native_err, floor)
+    return Row("loss", diff, diff / abs(exact_v) if exact_v else diff, tol, _used(diff, tol),
+               diff, native_err)
+
+
+def _failure(report: Report) -> str:
+    r = report.worst
+    if r is None or not (r.used > 1 or math.isnan(r.used)):
+        return (f"verify: another process's gradients differ from native autograd's beyond "
+                f"tolerance ({100 * report.used_all:.0f}% of it); this process's are within.\n"
+                f"{report}")
+    if r.name == "loss":
+        grads_ok = all(row.used <= 1 for row in report.rows[1:])
+        return (f"verify: the loss value differs from the float64 loss: abs diff {r.abs:.3e} "
+                f"(rel {r.rel:.3e}) > tolerance {r.tol:.3e} = {report.rtol:.1e}·|loss| + "
+                f"{report.k:g}·max(native's own error {r.native_err:.2e}, {report.dtype} "
+                f"rounding {report.loss_floor:.2e}): the forward (value) of the loss is wrong"
+                f"{'; every gradient is within tolerance' if grads_ok else ''}.\n{report}")
+    return (f"verify: the gradient of {r.name} differs from native autograd's: max abs diff "
+            f"{r.abs:.3e} (max rel diff {r.rel:.3e}) > tolerance {r.tol:.3e} = "
+            f"{report.rtol:.1e}·max|native| + {report.k:g}·native's own error "
+            f"{r.native_err:.2e} ({report.dtype}); ours is {r.ours_err:.2e} from float64. "
+            f"A backward is wrong for {r.name}.\n{report}")
