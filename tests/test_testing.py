@@ -390,3 +390,126 @@ def test_python_m_torch_mlp_testing_passes_the_whole_matrix():
     assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 40, proc.stdout
     assert "FAIL" not in proc.stdout
     assert re.search(r"^case\s+result\s+gradcheck\s+gradgrad", proc.stdout, re.M)
+
+
+def test_help_prints_usage_and_unknown_flags_exit_2():
+    run = [sys.executable, "-m", "torch_mlp.testing"]
+    proc = subprocess.run([*run, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m torch_mlp.testing")
+    assert "-k PATTERN" in proc.stdout and "--list" in proc.stdout
+    proc = subprocess.run([*run, "--bogus"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --bogus" in proc.stderr and proc.stdout == ""
+
+
+def test_list_prints_the_case_ids(capsys):
+    assert testing.main(["--list"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert ids == [c[0] for c in testing.function_cases()]
+
+
+def test_k_runs_only_the_matching_cases(capsys):
+    assert testing.main(["-k", "LINEAR-X4-", "--exhaustive"]) == 0
+    out = capsys.readouterr().out
+    assert re.findall(r"^(\S+)\s+pass\s", out, re.M) == ["linear-x4-bias", "linear-x4-nobias"]
+    assert "2/2 passed" in out
+
+
+def test_k_matching_nothing_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        testing.main(["-k", "no-such-case"])
+    assert exc.value.code == 2
+    assert "no case id contains 'no-such-case'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# failure messages
+# --------------------------------------------------------------------------------------------
+def test_message_names_the_function_class_for_apply():
+    with pytest.raises(GradientCheckError, match=r"^ReLUGradAtNegative: gradcheck failed"):
+        check_function(ReLUGradAtNegative.apply, TF.relu, _u())
+
+
+def test_message_names_a_lambda_and_where_it_was_defined():
+    line = sys._getframe().f_lineno + 1
+    fn = lambda u: ReLUGradAtNegative.apply(u)  # noqa: E731
+    pattern = rf"^test_message_names.*<lambda> \(test_testing.py:{line}\): gradcheck failed"
+    with pytest.raises(GradientCheckError, match=pattern):
+        check_function(fn, TF.relu, _u())
+
+
+def test_message_names_a_plain_function_by_its_qualified_name():
+    def wrong_relu(u):
+        return ReLUGradAtNegative.apply(u)
+
+    with pytest.raises(GradientCheckError) as exc:
+        check_function(wrong_relu, TF.relu, _u())
+    assert str(exc.value).startswith(f"{wrong_relu.__qualname__}: gradcheck failed")
+    assert "<locals>.wrong_relu" in str(exc.value)
+
+
+def test_gradcheck_message_quotes_the_entries_that_differ_most():
+    u = torch.tensor([[0.5, -0.5], [-1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(GradientCheckError) as exc:
+        check_function(ReLUGradAtNegative.apply, TF.relu, u, fast_mode=False)
+    msg = str(exc.value)
+    assert "Jacobian mismatch for output 0 with respect to input 0" in msg
+    entries = re.findall(r"^    (d output\[0\]\[\d, \d\] / d input\[0\]\[\d, \d\]): "
+                         r"analytical ([-0-9.e]+), numerical ([-0-9.e]+)$", msg, re.M)
+    # The two negative entries, where the mask is missing: 1 against 0.
+    assert sorted(e[0] for e in entries) == ["d output[0][0, 1] / d input[0][0, 1]",
+                                             "d output[0][1, 0] / d input[0][1, 0]"]
+    assert all(float(a) == 1 and abs(float(n)) < 1e-6 for _, a, n in entries)
+
+
+def test_fast_mode_message_names_the_input_with_the_wrong_gradient():
+    with pytest.raises(GradientCheckError) as exc:
+        check_function(LinearTransposedGradWeight.apply, TF.linear, _x(2, 3), _x(3, 3))
+    msg = str(exc.value)
+    assert re.search(r"^    uᵀJv for input\[1\] along a random direction: analytical", msg, re.M)
+    assert "input[0] along" not in msg  # grad_x is right
+    assert msg.endswith("fast_mode=False gives the Jacobian entries")
+
+
+def test_parity_message_says_where_the_greatest_difference_is():
+    def off(u):  # one entry of the output off by 0.25, with a consistent gradient
+        return F.relu(u) + 0.25 * (torch.arange(u.numel()).reshape(u.shape) == 5)
+
+    with pytest.raises(GradientCheckError) as exc:
+        check_function(off, TF.relu, _u())
+    assert re.search(r"on output\[0\]: max \|ours − reference\| = 0\.25 .*at output\[0\]\[1, 1\]"
+                     r": ours [-0-9.e]+, reference [-0-9.e]+; 1 / 12 entries differ",
+                     str(exc.value)), str(exc.value)
+
+
+class OnceDifferentiableSquare(Function):
+    @staticmethod
+    def forward(u):
+        return u * u
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (u,) = ctx.saved_tensors
+        return 2 * u * g
+
+
+@MODES
+def test_once_differentiable_backward_gets_a_gradgrad_false_hint(fast_mode):
+    with pytest.raises(GradientCheckError, match=r"^OnceDifferentiableSquare: gradgradcheck "
+                       r"cannot run: the backward has no double backward "
+                       r"\(a @once_differentiable backward.*pass gradgrad=False"):
+        check_function(OnceDifferentiableSquare.apply, torch.square, _u(), fast_mode=fast_mode)
+    assert check_function(OnceDifferentiableSquare.apply, torch.square, _u(),
+                          gradgrad=False).failures == []
+
+
+def test_failures_is_a_dataclass_field():
+    import dataclasses
+
+    assert "failures" in {f.name for f in dataclasses.fields(CheckResult)}
+    assert CheckResult().failures == [] and CheckResult().failures is not CheckResult().failures

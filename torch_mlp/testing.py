@@ -17,6 +17,7 @@ It returns a :class:`CheckResult` with the largest error seen in each check, or 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import sys
@@ -291,6 +292,13 @@ def _finite_difference_checks(
         return
     g_out = [torch.randn(o.shape, dtype=o.dtype, generator=gen).requires_grad_() for o in outs]
     diff_pos = [k for k, t in enumerate(x64) if isinstance(t, Tensor) and t.requires_grad]
+    hint = ("has no double backward (a @once_differentiable backward, or one built from "
+            "detached tensors); pass gradgrad=False to check first order only")
+    # Such a backward's gradients either do not require grad or end in autograd's Error node.
+    first = _first_order(custom, len(x64))(*x64, *g_out)
+    if not any(g.requires_grad and type(g.grad_fn).__name__ != "Error" for g in first):
+        fail(f"gradgradcheck cannot run: the backward {hint}")
+        return
     try:
         result.gradgradcheck_max_err, where = measure(
             _first_order(custom, len(x64)), [*x64, *g_out],
@@ -302,8 +310,7 @@ def _finite_difference_checks(
     except RuntimeError as e:
         if "once_differentiable" not in str(e):
             raise
-        fail("gradgradcheck cannot run: the backward is marked @once_differentiable, so it "
-             "has no double backward; pass gradgrad=False to check first order only")
+        fail(f"gradgradcheck cannot run: the backward {hint}")
         return
     if why is not None:
         report("gradgradcheck", result.gradgradcheck_max_err, why, where)
@@ -565,11 +572,36 @@ def function_cases(
         yield f"mlp-x{'x'.join(map(str, shape))}", mlp_ours, mlp_ref, args
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m torch_mlp.testing",
+        description="Run check_function (gradcheck, gradgradcheck, parity with torch) on every "
+        "case of torch_mlp's Function matrix; exit 1 if any case fails.")
+    parser.add_argument("-k", metavar="PATTERN", default="",
+                        help="run only the cases whose id contains PATTERN, case-insensitive "
+                        "(default: every case)")
+    parser.add_argument("--list", action="store_true", help="print the case ids and exit")
+    parser.add_argument("--exhaustive", action="store_true",
+                        help="compare every Jacobian entry instead of random projections "
+                        "(fast_mode=False; about 6x slower) (default: off)")
+    parser.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run every case of :func:`function_cases`; print a table; return 1 on any failure."""
+    """Run the cases of :func:`function_cases`; print a table; return 1 on any failure."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    cases = [c for c in function_cases(seed=args.seed) if args.k.lower() in c[0].lower()]
+    if not cases:
+        parser.error(f"no case id contains {args.k!r}; --list prints them")
+    if args.list:
+        print("\n".join(ident for ident, *_ in cases))
+        return 0
     rows = []
-    for ident, custom, reference, inputs in function_cases():
-        res = check_function(custom, reference, *inputs, name=ident, raise_on_failure=False)
+    for ident, custom, reference, inputs in cases:
+        res = check_function(custom, reference, *inputs, name=ident, raise_on_failure=False,
+                             fast_mode=not args.exhaustive)
         rows.append((ident, res))
     width = max(len(r[0]) for r in rows)
     header = (f"{'case':<{width}}  {'result':<6}  {'gradcheck':>9}  {'gradgrad':>9}  "
@@ -577,14 +609,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for ident, res in rows:
-        status = "FAIL" if res.failures else "pass"  # type: ignore[attr-defined]
-        print(f"{ident:<{width}}  {status:<6}  {res.gradcheck_max_err:9.1e}  "
-              f"{res.gradgradcheck_max_err:9.1e}  "
+        print(f"{ident:<{width}}  {'FAIL' if res.failures else 'pass':<6}  "
+              f"{res.gradcheck_max_err:9.1e}  {res.gradgradcheck_max_err:9.1e}  "
               f"{res.parity_max_err.get('torch.float32', 0.0):11.1e}  "
               f"{res.parity_max_err.get('torch.float64', 0.0):11.1e}")
-        for msg in res.failures:  # type: ignore[attr-defined]
+        for msg in res.failures:
             print(f"    {msg}")
-    failed = sum(bool(res.failures) for _, res in rows)  # type: ignore[attr-defined]
+    failed = sum(bool(res.failures) for _, res in rows)
     print(f"\n{len(rows) - failed}/{len(rows)} passed"
           + ("" if not failed else f"; {failed} FAILED"))
     return 1 if failed else 0
