@@ -1,0 +1,274 @@
+"""torch_mlp.verify: the live check of hand-derived gradients against native autograd."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+import torch_mlp
+from torch_mlp import functional as F
+from torch_mlp import verify
+from torch_mlp.functional import L2PenaltyFunction, LinearFunction
+
+torchvision = pytest.importorskip("torchvision")
+
+# The README's example, run verbatim by test_readme_example.
+README_EXAMPLE = """\
+import torch, torchvision, torch_mlp
+import torch_mlp.functional as F
+
+model = torch_mlp.convert(torchvision.ops.MLP(784, [128, 10]))  # hand-derived backward
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+def compute_loss(model, x, y):  # any loss; reads the model it is given
+    weights = [m.weight for m in model.modules() if isinstance(m, torch_mlp.Linear)]
+    return F.cross_entropy(model(x), y) + F.l2_penalty(weights, 1e-4)
+
+for step in range(3):
+    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    loss = compute_loss(model, x, y)
+    opt.zero_grad(); loss.backward()
+    print(torch_mlp.verify.check(model, compute_loss, x, y, loss=loss))  # VerifyError if off
+    opt.step()
+"""
+
+
+def _weights(model: nn.Module) -> list[Tensor]:
+    """The weight matrices: torch_mlp.Linear's, or _Custom's w1, w2."""
+    return [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1][0] == "w"]
+
+
+def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x), y) + F.l2_penalty(_weights(model), 1e-3)
+
+
+def _converted() -> nn.Module:
+    return torch_mlp.convert(torchvision.ops.MLP(20, [32, 16, 5]))
+
+
+def _batch(n: int = 32) -> tuple[Tensor, Tensor]:
+    return torch.randn(n, 20), torch.randint(0, 5, (n,))
+
+
+class _Custom(nn.Module):
+    """A user's own model on torch_mlp.functional."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(32, 20) / 5)
+        self.b1 = nn.Parameter(torch.zeros(32))
+        self.w2 = nn.Parameter(torch.randn(5, 32) / 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.relu(F.linear(x, self.w1, self.b1)), self.w2)
+
+
+def _step(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    loss = _loss(model, x, y)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss
+
+
+def test_converted_torchvision_mlp_trains_with_verify_every_step() -> None:
+    model = _converted()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    verifier = verify.Verifier(model)
+    for _ in range(5):
+        x, y = _batch()
+        loss = _step(model, x, y)
+        report = verifier.check(_loss, x, y, loss=loss)
+        assert report.ok
+        opt.step()
+    assert verifier.checks == 5 and verifier.skipped == 0
+    assert 0 < verifier.max_used <= 1 and 0 < verifier.max_rel < 1e-4
+    assert verifier.summary().startswith("verify ok (5 checks")
+
+
+def test_custom_module_with_a_closure_over_the_model() -> None:
+    model = _Custom()
+    x, y = _batch()
+
+    def loss_fn(_m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        # Reads `model` from the closure: the float64 pass swaps its parameters all the same.
+        return F.cross_entropy(model(x), y, label_smoothing=0.1) + \
+            F.l2_penalty([model.w1, model.w2], 1e-2)
+
+    loss = loss_fn(model, x, y)
+    loss.backward()
+    report = verify.check(model, loss_fn, x, y)  # the loss value recomputed
+    assert report.ok
+    assert [r.name for r in report.rows] == ["loss", "w1", "b1", "w2"]
+
+
+def test_report_fields() -> None:
+    model = _converted()
+    x, y = _batch()
+    loss = _step(model, x, y)
+    report = verify.check(model, _loss, x, y, loss=loss)
+    assert report.dtype == torch.float32 and report.rtol == verify.VERIFY_RTOL[torch.float32]
+    assert report.k == verify.VERIFY_K and not report.skipped and report.loss_floor > 0
+    for r in report.rows:
+        assert r.abs <= r.tol and 0 <= r.used <= 1 and r.native_err > 0, r
+        assert math.isclose(r.used, r.abs / r.tol)
+    grad = next(r for r in report.rows if r.name == "0.weight")
+    assert grad.rel < 1e-5 and grad.ours_err < 1e-5
+    assert report.worst is max(report.rows, key=lambda r: r.used)
+    assert report.used_all == report.worst.used
+    text = str(report)
+    assert "ok" in text.splitlines()[0] and all(r.name in text for r in report.rows)
+
+
+def test_wrong_weight_gradient_is_caught_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    backward = LinearFunction.backward
+
+    def wrong(ctx: object, g: Tensor) -> tuple[Tensor | None, ...]:
+        gx, gw, gb = backward(ctx, g)
+        return gx, None if gw is None else gw * 1.01, gb  # dL/dweight 1% off
+
+    model = _Custom()
+    x, y = _batch()
+    monkeypatch.setattr(LinearFunction, "backward", staticmethod(wrong))
+    loss = _step(model, x, y)
+    with pytest.raises(verify.VerifyError, match=r"the gradient of w\d differs from native"):
+        verify.check(model, _loss, x, y, loss=loss)
+    report = verify.check(model, _loss, x, y, loss=loss, raise_on_failure=False)
+    assert not report.ok and report.worst.name in ("w1", "w2") and report.worst.used > 100
+    assert {r.name for r in report.rows if r.used > 1} == {"w1", "w2"}  # b1 is right
+    assert "FAILED" in str(report)
+
+
+def test_wrong_loss_value_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = L2PenaltyFunction.forward
+    monkeypatch.setattr(L2PenaltyFunction, "forward",
+                        staticmethod(lambda lam, *w: 1.01 * forward(lam, *w)))
+    model = _converted()
+    x, y = _batch()
+    loss = _step(model, x, y)
+    with pytest.raises(verify.VerifyError, match=r"the loss value differs.*every gradient is "
+                                                 r"within tolerance"):
+        verify.check(model, _loss, x, y, loss=loss)
+
+
+def test_gradscaler_with_bfloat16_autocast() -> None:
+    model = _converted()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    verifier = verify.Verifier(model, scaler=scaler, optimizer=opt)
+    for _ in range(3):
+        x, y = _batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss(model, x, y)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            report = verifier.check(_loss, x, y, loss=loss)  # autocast read at the call
+        assert report.ok and report.dtype == torch.bfloat16
+        scaler.step(opt)
+        scaler.update()
+    assert verifier.checks == 3
+
+
+def test_gradscaler_needs_the_optimizer() -> None:
+    with pytest.raises(ValueError, match="scaler needs optimizer"):
+        verify.Verifier(_converted(), scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_non_finite_step_is_skipped_and_counted() -> None:
+    model = _converted()
+    x, y = _batch()
+    x[0, 0] = math.inf
+    loss = _step(model, x, y)
+    verifier = verify.Verifier(model)
+    report = verifier.check(_loss, x, y, loss=loss)
+    assert report.skipped and report.ok and report.worst is None
+    x2, y2 = _batch()
+    loss = _step(model, x2, y2)
+    assert verifier.check(_loss, x2, y2, loss=loss).ok
+    assert (verifier.checks, verifier.skipped) == (1, 1)
+    assert "1 skipped" in verifier.summary()
+
+
+def test_check_leaves_buffers_and_rng_as_they_were() -> None:
+    model = nn.Sequential(torch_mlp.Linear(20, 16), nn.BatchNorm1d(16), torch_mlp.ReLU(),
+                          torch_mlp.Linear(16, 5))
+    x, y = _batch()
+    loss = _step(model, x, y)
+    stats = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    assert verify.check(model, _loss, x, y, loss=loss).ok
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_bad_use_gets_clear_errors() -> None:
+    model = _converted()
+    x, y = _batch()
+    with pytest.raises(ValueError, match=r"no parameter has a \.grad"):
+        verify.check(model, _loss, x, y)
+    _step(model, x, y)
+    with pytest.raises(TypeError, match="one-element Tensor"):
+        verify.check(model, lambda m, x: m(x), x)
+    # A floating tensor from the closure cannot be cast to float64.
+    with pytest.raises(RuntimeError, match="must come through check"):
+        verify.check(model, lambda m: _loss(m, x, y))
+    dropout = nn.Sequential(torch_mlp.Linear(20, 5), nn.Dropout(0.5))
+    dropout(x).sum().backward()
+    with pytest.raises(ValueError, match="Dropout in training mode"):
+        verify.check(dropout, lambda m, x: m(x).sum(), x)
+    with pytest.raises(TypeError, match="autocast must be"):
+        verify.Verifier(model, autocast=True)
+
+
+def test_readme_example(capsys: pytest.CaptureFixture[str]) -> None:
+    exec(compile(README_EXAMPLE, "README example", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.count("verify vs native autograd (torch.float32") == 3
+    assert "FAILED" not in out
+
+
+# ---- DDP: two gloo processes ------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, results: object) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        torch.manual_seed(0)  # the same parameters on both ranks
+        model = nn.parallel.DistributedDataParallel(_Custom())
+        torch.manual_seed(1 + rank)  # a different batch on each
+        x, y = _batch(16)
+        # DDP's own forward and backward: .grad holds the mean over the two ranks.
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        report = verify.check(model, lambda m, x, y: F.cross_entropy(m(x), y), x, y, loss=loss)
+        verdicts = [report.ok]
+        # Off on rank 1 only: both ranks must fail (the all-reduced gradient is off).
+        for p in model.parameters():
+            p.grad = p.grad * (1.01 if rank == 1 else 1.0)
+        bad = verify.check(model, lambda m, x, y: F.cross_entropy(m(x), y), x, y, loss=loss,
+                           raise_on_failure=False)
+        verdicts.append(bad.ok)
+        results.put((rank, verdicts))  # type: ignore[attr-defined]
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: ~40 s on 2 busy cores
+def test_ddp_two_processes_reach_the_same_verdict() -> None:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=2, join=True)
+    got = dict(results.get(timeout=30) for _ in range(2))
+    assert got == {0: [True, False], 1: [True, False]}
