@@ -14,5 +14,5 @@ import os
 # OpenMP threads that sleep rather than spin while they wait, as train.py sets: on a CPU shared
 # with other jobs, spinning threads starve each other and the timings measure the scheduler.
 # Set before torch loads (``python -m bench`` imports this first); an OMP_WAIT_POLICY of your
-# own wins. results.json records the value in force.
+# own wins. The results file records the value in force.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -1,4 +1,8 @@
-"""``python -m bench [--quick] [--device D] [--compile] [--only SECTION ...]``."""
+"""``python -m bench [--quick] [--device D] [--compile] [--only SECTION ...] [--output PATH]``.
+
+Results go to ``bench/results/latest.json`` (ignored by git), so a run never rewrites the
+tracked reference ``bench/results.json``; ``--save-reference`` writes that one instead.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from . import e2e, memory, ops, roofline, split, step
 from .common import BATCH, HIDDEN, Settings, load, machine_info
 
 SECTIONS = ("step", "split", "ops", "memory", "roofline", "e2e")
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(BENCH_DIR, "results", "latest.json")  # in .gitignore
+REFERENCE_OUT = os.path.join(BENCH_DIR, "results.json")  # tracked: the documented run
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -48,8 +54,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared "
                    "machine, use with --threads 1 (default: wall)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="results file (default: bench/results.json)")
-    return p.parse_args(argv)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--output", "--out", dest="out", default=None, metavar="PATH",
+                       help="results file (default: bench/results/latest.json, not tracked)")
+    where.add_argument("--save-reference", action="store_true",
+                       help="write the tracked reference bench/results.json (default: off)")
+    args = p.parse_args(argv)
+    args.out = output_path(args.out, args.save_reference)
+    return args
+
+
+def output_path(out: str | None, save_reference: bool) -> str:
+    """Where results go: ``out`` if given, the tracked reference on request, else latest.json."""
+    if out is not None:
+        return out
+    return REFERENCE_OUT if save_reference else DEFAULT_OUT
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -112,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"### {title}\n\n{body}\n")
     print(f"load average (1, 5, 15 min): start {results['load_start']}, end {results['load_end']}")
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)

@@ -9,6 +9,12 @@ not of the step). The DataLoader loop is far slower, so it is timed over ``batch
 scaled to a whole epoch (60000 images), once after each custom/native pair: each of its times
 has a train.py epoch as its neighbour in time (the VM's speed drifts over minutes), and the
 speedup is the median over those neighbours.
+
+The training part of an epoch is also set against its roofline: the FLOPs of the GEMMs an
+epoch runs (per layer the forward product, dL/dweight and, above the first layer, dL/dinput;
+the first layer's dL/dx is not needed, x being data) divided by the rate ``torch.mm`` and
+``torch.addmm`` reach on those very shapes, timed in the same process. ``roofline_pct`` is that
+ideal time as a percentage of the measured training seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import time
 from typing import Any
 
 import torch
+
+from .common import Settings, interleaved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN = 60000
@@ -83,6 +91,45 @@ def dataloader_epoch_seconds(data_dir: str, batches: int, device: str) -> tuple[
     return time.perf_counter() - t0, seen
 
 
+def gemm_flops(sizes: list[int], batch: int) -> int:
+    """FLOPs of the GEMMs one training step runs for an MLP of layer ``sizes`` at ``batch`` rows.
+
+    Per layer (in, out): the forward product and dL/dweight, 2·batch·in·out each, and
+    dL/dinput (the same count) for every layer but the first.
+    """
+    total = 0
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        total += (2 if k == 0 else 3) * 2 * batch * n_in * n_out
+    return total
+
+
+def epoch_gemm_flops(sizes: list[int], n: int, batch: int) -> int:
+    """FLOPs of an epoch's GEMMs: ``n // batch`` full batches and one of the remainder."""
+    full, rest = divmod(n, batch)
+    return full * gemm_flops(sizes, batch) + (gemm_flops(sizes, rest) if rest else 0)
+
+
+def gemm_rate(sizes: list[int], batch: int, device: str, quick: bool) -> float:
+    """FLOP/s of the step's GEMMs at ``batch`` rows (torch.addmm forward, torch.mm backward)."""
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dev)
+
+    layers = [(r(batch, i), r(o, i), r(o), r(batch, o)) for i, o in zip(sizes[:-1], sizes[1:])]
+
+    def call() -> None:
+        for k, (x, w, b, g) in enumerate(layers):
+            torch.addmm(b, x, w.t())  # forward
+            g.t().mm(x)  # dL/dweight
+            if k:
+                g.mm(w)  # dL/dinput
+
+    (times,) = interleaved([call], Settings.make(quick, device))
+    return gemm_flops(sizes, batch) / statistics.median(times)
+
+
 def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
     if not available():
         print("  e2e: skipped, train.py is not in the repository yet", flush=True)
@@ -116,6 +163,13 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
             loop_images += seen
             print(f"  e2e DataLoader loop: {secs:.2f} s for {seen} images -> {loop[-1]:.1f} "
                   "s/epoch", flush=True)
+    defaults = train.DEFAULTS
+    sizes = [784, *defaults["hidden"], 10]
+    flops = epoch_gemm_flops(sizes, n, defaults["batch_size"])
+    rate = gemm_rate(sizes, defaults["batch_size"], device, quick)
+    ideal_s = flops / rate
+    print(f"  e2e roofline: {flops / 1e9:.1f} GFLOP of GEMMs per {n} images at "
+          f"{rate / 1e9:.1f} GFLOP/s = {ideal_s:.2f} s", flush=True)
     ratios = [a / b for a, b in zip(custom, native)]
     rows: list[dict[str, Any]] = [{
         "what": "train.py (torch_mlp) vs train.py --native",
@@ -123,6 +177,11 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
         "native_s_per_epoch": statistics.median(native) * scale,
         "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "pairs": len(ratios), "images_timed": n,
+        "sizes": sizes, "batch_size": defaults["batch_size"],
+        "gemm_gflop_per_epoch": flops * scale / 1e9, "gemm_gflops": rate / 1e9,
+        "roofline_s_per_epoch": ideal_s * scale,
+        "roofline_pct": 100 * ideal_s / statistics.median(custom),
+        "roofline_pct_native": 100 * ideal_s / statistics.median(native),
     }]
     speedups = [d / (c * scale) for d, c in zip(loop, custom)]
     rows.append({
@@ -147,4 +206,10 @@ def render(rows: list[dict[str, Any]]) -> str:
         f"{a['ratio_min']:.2f}–{a['ratio_max']:.2f}) |",
         f"| DataLoader loop, batch 64 | {b['dataloader_s_per_epoch']:.1f} | "
         f"{b['speedup']:.1f}× slower ({b['speedup_min']:.1f}–{b['speedup_max']:.1f}) |",
+        "",
+        f"Roofline of the training part of an epoch (MLP {'-'.join(map(str, a['sizes']))}, "
+        f"batch {a['batch_size']}): {a['gemm_gflop_per_epoch']:.1f} GFLOP of GEMMs at "
+        f"{a['gemm_gflops']:.1f} GFLOP/s (torch.mm on the same shapes, this run) = "
+        f"{a['roofline_s_per_epoch']:.2f} s, {a['roofline_pct']:.0f}% of train.py's measured "
+        f"{a['custom_s_per_epoch']:.2f} s ({a['roofline_pct_native']:.0f}% of --native's).",
     ])

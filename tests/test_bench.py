@@ -122,6 +122,52 @@ def test_saved_bytes_counts_a_shared_storage_once() -> None:
     assert r["naive"] == 2 * r["unique"] == 2 * 8 * 4 * 4
 
 
+def test_default_output_leaves_the_tracked_reference_alone() -> None:
+    reference = Path(bench_main.__file__).with_name("results.json")
+    latest = Path(bench_main.parse_args([]).out)
+    assert latest != reference and latest.parent.name == "results"
+    assert Path(bench_main.parse_args(["--save-reference"]).out) == reference
+    assert bench_main.parse_args(["--output", "x.json"]).out == "x.json"
+    assert bench_main.parse_args(["--out", "y.json"]).out == "y.json"  # the older spelling
+
+
+def test_default_output_is_ignored_by_git() -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    latest = Path(bench_main.parse_args([]).out).relative_to(root)
+    done = subprocess.run(["git", "check-ignore", "-q", str(latest)], cwd=root)
+    if done.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert done.returncode == 0, f"{latest} is not in .gitignore"
+
+
+def test_output_and_save_reference_exclude_each_other(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench_main.parse_args(["--output", "x.json", "--save-reference"])
+    assert e.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_run_writes_the_output_path_and_creates_its_folder(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "r.json"
+    bench_main.main(["--quick", "--hidden", "8", "--batch", "2", "--only", "memory",
+                     "--output", str(out)])
+    assert json.loads(out.read_text())["memory"]
+
+
+def test_gemm_flops_count_the_three_gemms_per_layer_that_run() -> None:
+    from bench.e2e import epoch_gemm_flops, gemm_flops
+
+    B, H = 256, 1024
+    # Forward 2·B·(784·H + H·10), backward twice that, less the first layer's input gradient.
+    assert gemm_flops([784, H, 10], B) == 6 * B * (784 * H + H * 10) - 2 * B * 784 * H
+    assert gemm_flops([4, 3, 2, 1], 5) == 2 * 5 * (2 * 4 * 3 + 3 * 3 * 2 + 3 * 2 * 1)
+    assert epoch_gemm_flops([784, H, 10], 1000, B) == (
+        3 * gemm_flops([784, H, 10], B) + gemm_flops([784, H, 10], 1000 - 3 * B))
+    assert epoch_gemm_flops([784, H, 10], 512, B) == 2 * gemm_flops([784, H, 10], B)
+
+
 def test_e2e_pairs_each_loop_time_with_a_train_py_epoch() -> None:
     from bench import e2e
 
@@ -135,3 +181,10 @@ def test_e2e_pairs_each_loop_time_with_a_train_py_epoch() -> None:
     assert loop_row["speedup"] == pytest.approx(
         loop_row["dataloader_s_per_epoch"] / train_row["custom_s_per_epoch"])
     assert "× slower (" in e2e.render(rows)
+    # The roofline: the epoch's GEMM FLOPs at the rate measured in this run, against its time.
+    assert train_row["roofline_s_per_epoch"] == pytest.approx(
+        train_row["gemm_gflop_per_epoch"] / train_row["gemm_gflops"])
+    assert train_row["roofline_pct"] == pytest.approx(
+        100 * train_row["roofline_s_per_epoch"] / train_row["custom_s_per_epoch"])
+    assert train_row["roofline_pct"] > 0
+    assert "% of train.py's measured" in e2e.render(rows)
