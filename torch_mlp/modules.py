@@ -24,6 +24,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from . import _checks
 from . import functional as F
 
 __all__ = [
@@ -91,6 +92,9 @@ class Linear(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        _not_scriptable(self)
+
     @classmethod
     def from_native(cls, module: nn.Linear) -> Linear:
         """A Linear with ``module``'s options holding its very weight and bias (no copy)."""
@@ -136,6 +140,9 @@ class ReLU(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return F.relu(input, inplace=self.inplace)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        _not_scriptable(self)
 
     @classmethod
     def from_native(cls, module: nn.ReLU) -> ReLU:
@@ -188,9 +195,8 @@ class CrossEntropyLoss(nn.Module):
         if size_average is not None or reduce is not None:
             reduction = nn._reduction.legacy_get_string(size_average, reduce)
         # torch.nn only finds these at the first call; failing at construction is kinder.
-        F._check_reduction(reduction)
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+        _checks.check_reduction(reduction)
+        _checks.check_label_smoothing(label_smoothing)
         self.register_buffer("weight", weight)
         self.reduction = reduction
         self.ignore_index = ignore_index
@@ -205,6 +211,9 @@ class CrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        _not_scriptable(self)
 
     @classmethod
     def from_native(cls, module: nn.CrossEntropyLoss) -> CrossEntropyLoss:
@@ -266,8 +275,8 @@ class MLP(nn.Sequential):
         self.sizes = tuple(sizes)
 
     def forward(self, input: Tensor) -> Tensor:
-        """The layers in order, as ``nn.Sequential`` runs them, except that a Linear → ReLU
-        pair with a small output runs as one fused Function,
+        """The layers in order, as ``nn.Sequential`` runs them, except that in eager code a
+        Linear → ReLU pair with a small output runs as one fused Function,
         :func:`torch_mlp.functional.linear_relu`: the same values and gradients with one Python
         forward and backward less per hidden layer.
 
@@ -276,13 +285,18 @@ class MLP(nn.Sequential):
         fusing raises the step's peak memory by about two (N, H) tensors; the Python work it
         saves is a large part of a small step and nothing measurable of a large one. A pair
         whose modules carry hooks (or while any global module hook is set) runs module by
-        module, so that the hooks see what they would see."""
+        module, so that the hooks see what they would see. Under torch.compile, torch.export
+        and torch.fx tracing nothing is fused: there the size would become a guard (or a trace
+        error), and there is no per-call Python work to save."""
         layers = list(self._modules.values())
-        fuse = input.dim() > 0 and not _global_hooks()
+        if not _fusion_allowed(input):
+            for m in layers:
+                input = m(input)
+            return input
         x, i, n = input, 0, len(layers)
         while i < n:
             m = layers[i]
-            if (fuse and i + 1 < n and type(m) is Linear and type(layers[i + 1]) is ReLU
+            if (i + 1 < n and type(m) is Linear and type(layers[i + 1]) is ReLU
                     and x.numel() // max(x.shape[-1], 1) * m.out_features
                     <= self.FUSE_MAX_ELEMENTS
                     and not _hooks(m) and not _hooks(layers[i + 1])):
@@ -293,12 +307,31 @@ class MLP(nn.Sequential):
                 i += 1
         return x
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        _not_scriptable(self)
+
     def linears(self) -> list[Linear]:
         return [m for m in self if isinstance(m, Linear)]
 
     def l2_penalty(self, lam: float) -> Tensor:
         """½ λ Σ ‖W‖² over every weight matrix, biases excluded (as in the derivation)."""
         return F.l2_penalty([m.weight for m in self.linears()], lam)
+
+
+def _fusion_allowed(input: Tensor) -> bool:
+    """Eager code only: a size read under compile / export / fx would be a guard or an error."""
+    if isinstance(input, torch.fx.Proxy) or torch.compiler.is_compiling():
+        return False
+    return input.dim() > 0 and not _global_hooks()
+
+
+def _not_scriptable(module: nn.Module) -> None:
+    raise RuntimeError(
+        f"torch.jit.script: torch_mlp.{type(module).__name__} cannot be scripted: its "
+        f"hand-derived autograd.Functions are Python, which TorchScript (deprecated upstream) "
+        f"does not compile. Use torch.compile(model) or torch.export.export(model, args) "
+        f"instead, or script the native model: torch_mlp.convert(model, to_native=True)"
+    )
 
 
 def _hooks(m: nn.Module) -> bool:

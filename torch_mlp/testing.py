@@ -550,27 +550,6 @@ def function_cases(
             yield (f"linear_relu-x{'x'.join(map(str, shape))}-{'bias' if bias else 'nobias'}",
                    F.linear_relu, lambda *a: TF.relu(TF.linear(*a)), args)
 
-    # The whole MLP in one Function (three layers, the middle one without bias), against native
-    # linear / relu / linear / relu / linear; every hidden pre-activation 0.1 from the kink.
-    gen_mlp = torch.Generator().manual_seed(seed + 2)
-
-    def mlp_ref(x, w1, b1, w2, w3, b3):
-        return TF.linear(TF.relu(TF.linear(TF.relu(TF.linear(x, w1, b1)), w2)), w3, b3)
-
-    def mlp_ours(x, w1, b1, w2, w3, b3):
-        return F.mlp(x, [w1, w2, w3], [b1, None, b3])
-
-    for shape in [(3, 4), (2, 3, 4)]:
-        while True:
-            t = [torch.randn(*s, dtype=torch.float64, generator=gen_mlp)
-                 for s in (shape, (5, 4), (5,), (3, 5), (2, 3), (2,))]
-            u1 = TF.linear(t[0], t[1], t[2])
-            u2 = TF.linear(u1.relu(), t[3])
-            if min(u1.abs().min(), u2.abs().min()) >= 0.1:
-                break
-        args = tuple(a.to(device, dtype).requires_grad_() for a in t)
-        yield f"mlp-x{'x'.join(map(str, shape))}", mlp_ours, mlp_ref, args
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
