@@ -55,7 +55,7 @@ def use_native(enabled: bool = True) -> Iterator[None]:
 # The variant of a Function that a call runs
 # --------------------------------------------------------------------------------------------
 # Why this exists: autograd.Function.apply binds the arguments to a setup_context-style forward
-# with inspect.signature on every call, ~40 µs per apply (torch 2.14, 2 CPU cores), which a
+# with inspect.signature on every call (cost: docs/performance.md), which a
 # ctx-first forward does not pay (pytorch/pytorch#189573). Delete the eager variant, and apply
 # becomes cls.apply in eager code, once torch fixes that.
 class Variants(NamedTuple):

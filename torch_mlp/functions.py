@@ -27,7 +27,7 @@ __all__ = [
     "SoftmaxCrossEntropyFunction",
 ]
 
-_threshold_backward = torch.ops.aten.threshold_backward.default  # the bound overload: 3 µs less
+_threshold_backward = torch.ops.aten.threshold_backward.default  # the bound overload: less dispatch
 _nll_loss_nd = torch.ops.aten.nll_loss_nd.default  # F.nll_loss's kernel, without its checks
 
 
