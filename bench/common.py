@@ -18,7 +18,7 @@ import torch_mlp
 
 T = TypeVar("T")
 
-# The grid: MLP 784-H-10, hidden sizes × batch sizes.
+# The benchmark grid: MLP 784-H-10, hidden sizes × batch sizes.
 D_IN, N_CLASSES = 784, 10
 HIDDEN = (256, 1024, 4096)
 BATCH = (1, 32, 128, 1024)
