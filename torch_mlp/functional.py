@@ -34,11 +34,14 @@ __all__ = [
     "LinearReLUFunction",
     "ReLUFunction",
     "SoftmaxCrossEntropyFunction",
+    "apply",
     "cross_entropy",
     "l2_penalty",
     "linear",
     "linear_relu",
+    "native_enabled",
     "relu",
+    "variants",
 ]
 
 # Each Function's eager / transform / compile variants, derived once (see _dispatch.apply).
