@@ -28,7 +28,7 @@ import hashlib
 import os
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ __all__ = [
     "STD",
     "MNISTIntegrityError",
     "MNISTTensors",
+    "atomic_write",
     "bundled_dir",
     "load_mnist",
     "normalize",
@@ -173,14 +174,33 @@ def verify_file(path: str | os.PathLike[str], name: str | None = None) -> None:
     _VERIFIED.add(key)
 
 
-def _unpack(src: Path, dest: Path) -> None:
-    """gunzip ``src`` to ``dest`` atomically: write a temporary file in dest's folder, check
-    its digests, then ``os.replace``. Whatever stops it midway leaves no file at ``dest``."""
-    name = dest.name
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".partial")
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
+                 mode: int = 0o644) -> None:
+    """``write(tmp)`` to a temporary file in ``path``'s folder, fsync it, then ``os.replace``
+    it onto ``path``: a reader sees the old file or the new one, never half of one. Whatever
+    stops it midway (an exception raised by ``write`` included) leaves no temporary file."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes it 0600; these files are not secret
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _unpack(src: Path, dest: Path) -> None:
+    """gunzip ``src`` to ``dest`` atomically (:func:`atomic_write`), checking the digests
+    before the rename. Whatever stops it midway leaves no file at ``dest``."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
 
             def copied() -> Iterator[bytes]:
                 with gzip.open(src, "rb") as f:
@@ -195,20 +215,14 @@ def _unpack(src: Path, dest: Path) -> None:
                     f"bundled MNIST file {src} cannot be unpacked ({type(e).__name__}: {e}). "
                     f"The torch_mlp installation is damaged: reinstall it."
                 ) from e
-            out.flush()
-            os.fsync(out.fileno())
-        problem = _mismatch(name, *digests)
+        problem = _mismatch(dest.name, *digests)
         if problem is not None:
             raise MNISTIntegrityError(
                 f"bundled MNIST file {src} unpacks to bad data: {problem}. The torch_mlp "
                 f"installation is damaged: reinstall it."
             )
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the data is not secret
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+
+    atomic_write(dest, write)
     st = dest.stat()
     _VERIFIED.add((str(dest.resolve()), st.st_ino, st.st_size, st.st_mtime_ns))
 

@@ -1,0 +1,112 @@
+"""Checkpoints of a training run: one file, written atomically, read back with every check.
+
+The file is ``torch.save`` of a dict of tensors and plain containers (so ``weights_only=True``
+reads it), with ``"format": CHECKPOINT_FORMAT``. :func:`save_checkpoint` writes it through
+:func:`torch_mlp.data.atomic_write`; :func:`load_checkpoint` checks the zip records' CRCs, the
+format key and the required keys; :func:`restore` puts a loaded one back into the objects of a
+run, RNG streams included, so a resumed CPU run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import atomic_write
+from .errors import CheckpointError
+
+__all__ = ["CHECKPOINT_FORMAT", "REQUIRED_KEYS", "first_line", "load_checkpoint",
+           "make_checkpoint", "restore", "save_checkpoint"]
+
+CHECKPOINT_FORMAT = "torch_mlp.train/1"
+REQUIRED_KEYS = frozenset({"epoch", "step", "sizes", "model", "optimizer", "rng", "args"})
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (an exception's message may be empty)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def make_checkpoint(*, epoch: int, step: int, sizes: list[int], model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                    shuffle: torch.Generator, device: torch.device, args: dict[str, Any],
+                    history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything a run needs to continue exactly where it is, as a plain dict."""
+    return {
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, "sizes": sizes,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "shuffle": shuffle.get_state(),
+        },
+        "args": args, "history": history, "torch_version": str(torch.__version__),
+    }
+
+
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
+    """``torch.save`` to ``path`` atomically: an interruption leaves the previous file whole."""
+    atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; CheckpointError if unreadable."""
+    path = Path(path)
+    # torch.load does not check the zip records' CRCs: a flipped byte in a tensor loads silently.
+    bad: str | None = None
+    with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError, ValueError), \
+            zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: its record {bad} fails the CRC check (the file "
+            f"changed after it was written). Resume from another copy or start a new run."
+        )
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path}: no such file") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({first_line(e)}). It is corrupted or truncated, "
+            f"or not a checkpoint written by train.py. Resume from another copy or start a new "
+            f"run."
+        ) from e
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a train.py checkpoint (format {CHECKPOINT_FORMAT!r} expected)"
+        )
+    missing = REQUIRED_KEYS - ck.keys()
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(sorted(missing))}")
+    return ck
+
+
+def restore(ck: dict[str, Any], path: str | os.PathLike[str], *, model: nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+            shuffle: torch.Generator, device: torch.device) -> None:
+    """Load ``ck`` (from :func:`load_checkpoint`) into a run's objects and RNG streams."""
+    try:
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ck["scheduler"])
+        if scaler is not None and ck.get("scaler") is not None:
+            scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"]["torch"].cpu())
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu(), device)
+        shuffle.set_state(ck["rng"]["shuffle"].cpu())
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run's model/optimizer ({first_line(e)})"
+        ) from e
