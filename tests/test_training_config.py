@@ -1,0 +1,62 @@
+"""torch_mlp.training.config: every "(default: X)" in --help is the parser's real default."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from torch_mlp.training import config as C
+
+
+def _help_defaults(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> the X of "(default: X)" in that flag's help, as --help prints it."""
+    formatter = parser._get_formatter()
+    text = " ".join(parser.format_help().split())  # argparse wraps lines: undo it
+    found = {}
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        shown = formatter._expand_help(action)  # the help text, %% expanded
+        assert " ".join(shown.split()) in text, action.dest
+        m = re.fullmatch(r".*\(default: ([^)]*)\)", shown, re.DOTALL)
+        assert m, f"{action.option_strings}: no '(default: ...)' at the end of its help"
+        found[action.dest] = m.group(1)
+    return found
+
+
+def test_every_help_default_is_the_real_default() -> None:
+    parser = C.build_parser()
+    shown = _help_defaults(parser)
+    assert set(shown) == {a.dest for a in parser._actions if a.dest != "help"}
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        if action.default is None:  # resolved later: the text says how
+            assert shown[action.dest] == C.DEFAULT_TEXT[action.dest], action.dest
+        else:
+            assert shown[action.dest] == C.format_default(action.default), action.dest
+    # --lr's default depends on --optimizer: the help names each, as parse_args resolves it.
+    for opt in ("sgd", "adam"):
+        lr = C.parse_args(["--optimizer", opt]).lr
+        assert lr == C.LR_DEFAULTS[opt]
+        assert f"{lr} for {opt}" in shown["lr"]
+    assert C.parse_args([]).lr == 0.4
+
+
+def test_help_defaults_follow_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A changed table changes the help and the parser together: nothing is typed twice.
+    monkeypatch.setitem(C.DEFAULTS, "epochs", 7)
+    monkeypatch.setitem(C.DEFAULTS, "hidden", [64, 32])
+    parser = C.build_parser()
+    shown = _help_defaults(parser)
+    assert shown["epochs"] == "7" and parser.parse_args([]).epochs == 7
+    assert shown["hidden"] == "64 32" and parser.parse_args([]).hidden == [64, 32]
+
+
+def test_defaults_tables_cover_every_flag() -> None:
+    dests = {a.dest for a in C.build_parser()._actions if a.dest != "help"}
+    assert dests == set(C.DEFAULTS) | set(C.RUN_DEFAULTS)
+    assert not set(C.DEFAULTS) & set(C.RUN_DEFAULTS)
+    assert set(C.TRAJECTORY_KEYS) <= dests
