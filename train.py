@@ -487,7 +487,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, Any], torch_mlp.ver
 
 
 # ------------------------------------------------------------------------------ epochs, outputs
-def end_epoch(run: Run, row: dict[str, Any]) -> None:
+def end_epoch(run: Run, row: dict[str, Any], t0: float) -> None:
     """Evaluate on the test set, refuse non-finite weights, save the checkpoint and metrics."""
     dd, data, epoch = run.dd, run.data, row["epoch"]
     run.model.eval()
@@ -495,6 +495,7 @@ def end_epoch(run: Run, row: dict[str, Any]) -> None:
                                     data.y_test[dd.rank::dd.world_size]))
     row["test_loss"] = test[0].item() / len(data.y_test)
     row["test_acc"] = test[1].item() / len(data.y_test)
+    row["seconds"] = time.perf_counter() - t0  # training + evaluation
     # An epoch that ends on non-finite weights or test loss is no good checkpoint.
     finite = torch.tensor([float(math.isfinite(row["test_loss"]) and all(
         bool(torch.isfinite(p).all()) for p in run.module.parameters()))], device=run.device)
@@ -534,8 +535,7 @@ def fit(run: Run, t_start: float) -> dict[str, Any]:
     for epoch in range(run.start_epoch + 1, run.args.epochs + 1):
         t0 = time.perf_counter()
         row, verifier = train_one_epoch(run, epoch)
-        end_epoch(run, row)
-        row["seconds"] = time.perf_counter() - t0  # training + evaluation
+        end_epoch(run, row, t0)
         run.say(f"epoch {epoch:>2}/{run.args.epochs}  train loss {row['train_loss']:.4f} acc "
                 f"{100 * row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc "
                 f"{100 * row['test_acc']:.2f}%  {row['seconds']:.1f} s "

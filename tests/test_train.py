@@ -92,6 +92,7 @@ def test_smoke_run_learns_and_writes_every_output(run, tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert set(METRIC_FIELDS) <= set(rows[0])
+    assert all(r[k] != "" for r in rows for k in METRIC_FIELDS)  # every cell filled
     assert float(rows[-1]["test_acc"]) == pytest.approx(result["test_acc"])
     # Per parameter, ours' and native's error against float64 (max over the epoch's checks).
     params = ["0.weight", "0.bias", "2.weight", "2.bias"]
