@@ -40,17 +40,29 @@ class ReLUGradAtNegative(Function):
         return g.clone()
 
 
-class _MeanCrossEntropy(Function):
+class _SavesInputs(Function):
+    """Saves every input for the backward; subclasses give forward and backward."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+
+class _LinearNoBias(_SavesInputs):
+    """x · weightᵀ, real or complex; the subclasses below get its backward right or wrong."""
+
+    @staticmethod
+    def forward(x, weight):
+        return x @ weight.t()
+
+
+class _MeanCrossEntropy(_SavesInputs):
     """Mean softmax-CE's forward; the subclasses below get its backward wrong, each its way."""
 
     @staticmethod
     def forward(z, y):
         logp = z - z.logsumexp(-1, keepdim=True)
         return -logp.gather(1, y.unsqueeze(1)).mean()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
 
 class CrossEntropyWithoutMean(_MeanCrossEntropy):
@@ -74,17 +86,9 @@ class CrossEntropyDetachedBackward(_MeanCrossEntropy):
         return g * (p - TF.one_hot(y, z.shape[-1]).to(z.dtype)) / z.shape[0], None
 
 
-class LinearTransposedGradWeight(Function):
+class LinearTransposedGradWeight(_LinearNoBias):
     """x · weightᵀ whose grad_weight is xᵀ · g, the transpose of the right gᵀ · x (same shape
     for a square weight, so only the values betray it)."""
-
-    @staticmethod
-    def forward(x, weight):
-        return x @ weight.t()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g):
@@ -92,17 +96,13 @@ class LinearTransposedGradWeight(Function):
         return g @ weight, x.t() @ g  # should be g.t() @ x
 
 
-class LinearWrongLayout(Function):
+class LinearWrongLayout(_SavesInputs):
     """x · weight (the derivation's W taken as nn.Linear's weight, not its transpose), with a
     backward that is right for that formula: gradcheck passes, parity with F.linear does not."""
 
     @staticmethod
     def forward(x, weight):
         return x @ weight
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g):
@@ -187,16 +187,8 @@ def test_relu_without_mask_error_size_is_reported():
 # --------------------------------------------------------------------------------------------
 # complex Functions
 # --------------------------------------------------------------------------------------------
-class ComplexLinear(Function):
+class ComplexLinear(_LinearNoBias):
     """x · weightᵀ for complex tensors; the backward conjugates what it multiplies by."""
-
-    @staticmethod
-    def forward(x, weight):
-        return x @ weight.t()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g):
@@ -482,14 +474,10 @@ def test_parity_message_says_where_the_greatest_difference_is():
                      str(exc.value)), str(exc.value)
 
 
-class OnceDifferentiableSquare(Function):
+class OnceDifferentiableSquare(_SavesInputs):
     @staticmethod
     def forward(u):
         return u * u
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

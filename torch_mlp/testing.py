@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -414,6 +415,23 @@ def check_function(
         A :class:`CheckResult`; its ``failures`` list is empty when every check passed.
     """
     tol = {**PARITY_TOL, **(tolerances or {})}
+    result, fail = _recorder(custom, name, raise_on_failure)
+    x64 = _cast(inputs, torch.float64)
+    _check_arguments(x64, parity_dtypes if reference is not None else (), tol)
+    _finite_difference_checks(custom, x64, result, fail, gradgrad=gradgrad,
+                              fast_mode=fast_mode, fd_atol=fd_atol, seed=seed)
+    if reference is not None:
+        for dtype in parity_dtypes:
+            _parity(custom, reference, inputs, result, fail, dtype=dtype, tol=tol[dtype],
+                    seed=seed)
+    return result
+
+
+def _recorder(
+    custom: Callable[..., Any], name: str, raise_on_failure: bool
+) -> tuple[CheckResult, Callable[[str], None]]:
+    """An empty result, and the ``fail(msg)`` that records a failed check in it (and raises
+    :class:`GradientCheckError` naming the Function, when ``raise_on_failure``)."""
     described = _describe(custom)
     result = CheckResult(name=name or described)
     label = described if not name or name == described else f"{name} ({described})"
@@ -423,21 +441,20 @@ def check_function(
         if raise_on_failure:
             raise GradientCheckError(f"{label}: {msg}")
 
-    x64 = _cast(inputs, torch.float64)
+    return result, fail
+
+
+def _check_arguments(
+    x64: Sequence[Any], parity_dtypes: Sequence[torch.dtype],
+    tol: dict[torch.dtype, tuple[float, float]],
+) -> None:
+    """ValueError when there is nothing to differentiate or a parity dtype has no tolerance."""
     if not _diff_inputs(x64):
         raise ValueError("check_function: no input requires grad; nothing to check")
-    for dtype in parity_dtypes if reference is not None else ():
+    for dtype in parity_dtypes:
         if dtype not in tol:
             raise ValueError(f"check_function: no parity tolerance for {dtype}; pass "
                              f"tolerances={{{dtype}: (rtol, atol)}}")
-
-    _finite_difference_checks(custom, x64, result, fail, gradgrad=gradgrad,
-                              fast_mode=fast_mode, fd_atol=fd_atol, seed=seed)
-    if reference is not None:
-        for dtype in parity_dtypes:
-            _parity(custom, reference, inputs, result, fail, dtype=dtype, tol=tol[dtype],
-                    seed=seed)
-    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,99 +473,159 @@ def function_cases(
     starts from the same values; ReLU inputs are kept away from the kink at 0, where the finite
     difference straddles two slopes.
     """
+    draw = _Draw(torch.Generator().manual_seed(seed), device, dtype)
+    yield from _linear_cases(draw)
+    yield from _relu_cases(draw)
+    yield from _cross_entropy_cases(draw)
+    yield from _l2_cases(draw)
+    # Its own generator, so that the cases above keep their values whatever it draws.
+    yield from _linear_relu_cases(_Draw(torch.Generator().manual_seed(seed + 1), device, dtype))
+
+
+_CLASSES = 4  # the cross-entropy cases' number of classes
+
+
+@dataclass
+class _Draw:
+    """The cases' random inputs: drawn in float64 on the CPU from ``gen``, in a fixed order
+    (so a case's values do not depend on the device or dtype), then placed on the cases'."""
+
+    gen: torch.Generator
+    device: torch.device | str
+    dtype: torch.dtype
+
+    def randn(self, *shape: int, grad: bool = True) -> Tensor:
+        return self.place(self.raw(*shape)).requires_grad_(grad)
+
+    def raw(self, *shape: int) -> Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=self.gen)
+
+    def place(self, t: Tensor) -> Tensor:
+        return t.to(self.device, self.dtype)
+
+
+def _shape_bias_id(prefix: str, shape: Sequence[int], bias: bool) -> str:
+    return f"{prefix}-x{'x'.join(map(str, shape))}-{'bias' if bias else 'nobias'}"
+
+
+def _linear_cases(draw: _Draw) -> Iterator[Case]:
+    """Linear: with and without bias, 1-D, 2-D and leading-dim inputs."""
     from . import functional as F  # the package's Functions; testing is importable on its own
 
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int, grad: bool = True) -> Tensor:
-        t = torch.randn(*shape, dtype=torch.float64, generator=gen)
-        return t.to(device, dtype).requires_grad_(grad)
-
-    # Linear: with and without bias, 1-D, 2-D and leading-dim inputs.
     for shape in [(4,), (3, 4), (2, 3, 4)]:
         for bias in (True, False):
-            ident = f"linear-x{'x'.join(map(str, shape))}-{'bias' if bias else 'nobias'}"
-            args = (randn(*shape), randn(5, 4)) + ((randn(5),) if bias else ())
-            yield ident, F.linear, TF.linear, args
+            args = (draw.randn(*shape), draw.randn(5, 4)) + ((draw.randn(5),) if bias else ())
+            yield _shape_bias_id("linear", shape, bias), F.linear, TF.linear, args
 
-    # ReLU, away from the kink: |u| >= 0.1.
-    u = torch.randn(3, 5, dtype=torch.float64, generator=gen)
-    u = (u + 0.1 * u.sign()).to(device, dtype).requires_grad_()
-    yield "relu", F.relu, TF.relu, (u,)
 
-    # Cross-entropy: index and probability targets × reduction × weight × label smoothing,
-    # plus ignore_index, unbatched and k-dimensional inputs.
-    C = 4
-    weight = (torch.rand(C, dtype=torch.float64, generator=gen) + 0.5).to(device, dtype)
-    index_t = torch.tensor([0, 3, 1, 2, 3], device=device)
-    prob_t = torch.softmax(torch.randn(5, C, dtype=torch.float64, generator=gen), 1)
-    prob_t = prob_t.to(device, dtype)
+def _relu_cases(draw: _Draw) -> Iterator[Case]:
+    """ReLU, away from the kink: |u| >= 0.1."""
+    from . import functional as F
+
+    u = draw.raw(3, 5)
+    yield "relu", F.relu, TF.relu, (draw.place(u + 0.1 * u.sign()).requires_grad_(),)
+
+
+def _cross_entropy_cases(draw: _Draw) -> Iterator[Case]:
+    """Cross-entropy: index and probability targets × reduction × weight × label smoothing,
+    plus ignore_index, unbatched and k-dimensional inputs."""
+    weight = draw.place(torch.rand(_CLASSES, dtype=torch.float64, generator=draw.gen) + 0.5)
+    yield from _cross_entropy_target_cases(draw, weight)
+    yield from _cross_entropy_ignore_index_cases(draw, weight)
+    yield from _cross_entropy_shape_cases(draw)
+
+
+def _weight_id(w: Tensor | None) -> str:
+    return "weight" if w is not None else "noweight"
+
+
+def _cross_entropy_target_cases(draw: _Draw, weight: Tensor) -> Iterator[Case]:
+    """Index and probability targets × reduction × weight × label smoothing."""
+    from . import functional as F
+
+    index_t = torch.tensor([0, 3, 1, 2, 3], device=draw.device)
+    prob_t = draw.place(torch.softmax(draw.raw(5, _CLASSES), 1))
     # The class weight travels as an input (not a closure), so the parity check casts it too.
-    for kind in ("index", "prob"):
-        for reduction in ("mean", "sum", "none"):
-            for w in (None, weight):
-                for ls in (0.0, 0.2):
-                    target = index_t if kind == "index" else prob_t.clone().requires_grad_()
-                    ident = (f"cross_entropy-{kind}-{reduction}-"
-                             f"{'weight' if w is not None else 'noweight'}-ls{ls}")
+    for kind, reduction, w, ls in itertools.product(
+        ("index", "prob"), ("mean", "sum", "none"), (None, weight), (0.0, 0.2)
+    ):
+        target = index_t if kind == "index" else prob_t.clone().requires_grad_()
+        ident = f"cross_entropy-{kind}-{reduction}-{_weight_id(w)}-ls{ls}"
 
-                    def ours(z, t, w, r=reduction, ls=ls):
-                        return F.cross_entropy(z, t, w, reduction=r, label_smoothing=ls)
+        def ours(z, t, w, r=reduction, ls=ls):
+            return F.cross_entropy(z, t, w, reduction=r, label_smoothing=ls)
 
-                    def ref(z, t, w, r=reduction, ls=ls):
-                        return TF.cross_entropy(z, t, w, reduction=r, label_smoothing=ls)
+        def ref(z, t, w, r=reduction, ls=ls):
+            return TF.cross_entropy(z, t, w, reduction=r, label_smoothing=ls)
 
-                    yield ident, ours, ref, (randn(5, C), target, w)
-    ignore_t = torch.tensor([0, -100, 1, 2, -100], device=device)
-    for reduction in ("mean", "sum", "none"):
-        for w in (None, weight):
-            ident = (f"cross_entropy-ignore_index-{reduction}-"
-                     f"{'weight' if w is not None else 'noweight'}")
+        yield ident, ours, ref, (draw.randn(5, _CLASSES), target, w)
 
-            def ours(z, w, r=reduction):
-                return F.cross_entropy(z, ignore_t, w, reduction=r, label_smoothing=0.1)
 
-            def ref(z, w, r=reduction):
-                return TF.cross_entropy(z, ignore_t, w, reduction=r, label_smoothing=0.1)
+def _cross_entropy_ignore_index_cases(draw: _Draw, weight: Tensor) -> Iterator[Case]:
+    """ignore_index (the default -100) × reduction × weight, with label smoothing."""
+    from . import functional as F
 
-            yield ident, ours, ref, (randn(5, C), w)
-    unbatched_t = torch.tensor(2, device=device)
+    ignore_t = torch.tensor([0, -100, 1, 2, -100], device=draw.device)
+    for reduction, w in itertools.product(("mean", "sum", "none"), (None, weight)):
+
+        def ours(z, w, r=reduction):
+            return F.cross_entropy(z, ignore_t, w, reduction=r, label_smoothing=0.1)
+
+        def ref(z, w, r=reduction):
+            return TF.cross_entropy(z, ignore_t, w, reduction=r, label_smoothing=0.1)
+
+        yield (f"cross_entropy-ignore_index-{reduction}-{_weight_id(w)}", ours, ref,
+               (draw.randn(5, _CLASSES), w))
+
+
+def _cross_entropy_shape_cases(draw: _Draw) -> Iterator[Case]:
+    """Unbatched and k-dimensional inputs."""
+    from . import functional as F
+
+    unbatched_t = torch.tensor(2, device=draw.device)
     yield ("cross_entropy-unbatched", lambda z: F.cross_entropy(z, unbatched_t),
-           lambda z: TF.cross_entropy(z, unbatched_t), (randn(C),))
-    kdim_t = torch.randint(0, C, (2, 3, 2), generator=gen).to(device)
+           lambda z: TF.cross_entropy(z, unbatched_t), (draw.randn(_CLASSES),))
+    kdim_t = torch.randint(0, _CLASSES, (2, 3, 2), generator=draw.gen).to(draw.device)
     for reduction in ("mean", "none"):
         yield (f"cross_entropy-kdim-index-{reduction}",
                lambda z, r=reduction: F.cross_entropy(z, kdim_t, reduction=r),
                lambda z, r=reduction: TF.cross_entropy(z, kdim_t, reduction=r),
-               (randn(2, C, 3, 2),))
-    kdim_p = torch.softmax(torch.randn(2, C, 3, dtype=torch.float64, generator=gen), 1)
-    kdim_p = kdim_p.to(device, dtype)
+               (draw.randn(2, _CLASSES, 3, 2),))
+    kdim_p = draw.place(torch.softmax(draw.raw(2, _CLASSES, 3), 1))
     yield ("cross_entropy-kdim-prob-mean", F.cross_entropy, TF.cross_entropy,
-           (randn(2, C, 3), kdim_p.requires_grad_()))
+           (draw.randn(2, _CLASSES, 3), kdim_p.requires_grad_()))
 
-    # L2 penalty: no native twin; the reference is the formula ½λΣ‖W‖² under native autograd.
+
+def _l2_cases(draw: _Draw) -> Iterator[Case]:
+    """L2 penalty: no native twin; the reference is the formula ½λΣ‖W‖² under native autograd."""
+    from . import functional as F
+
     for lam in (0.0, 0.3):
         yield (f"l2_penalty-lam{lam}",
                lambda a, b, lam=lam: F.l2_penalty([a, b], lam),
                lambda a, b, lam=lam: 0.5 * lam * (a.square().sum() + b.square().sum()),
-               (randn(3, 4), randn(2, 3)))
+               (draw.randn(3, 4), draw.randn(2, 3)))
 
-    # Fused Linear + ReLU, against native linear then relu. Its own generator (the cases above
-    # keep their values); inputs redrawn until every u = x·Wᵀ + b is 0.1 away from the kink.
-    gen_lr = torch.Generator().manual_seed(seed + 1)
+
+def _linear_relu_cases(draw: _Draw) -> Iterator[Case]:
+    """Fused Linear + ReLU, against native linear then relu."""
+    from . import functional as F
+
     for shape in [(3, 4), (2, 3, 4)]:
         for bias in (True, False):
-            while True:
-                x, w, b = (torch.randn(*s, dtype=torch.float64, generator=gen_lr)
-                           for s in (shape, (5, 4), (5,)))
-                if bias and (x @ w.t() + b).abs().min() >= 0.1:
-                    break
-                if not bias and (x @ w.t()).abs().min() >= 0.1:
-                    b = None
-                    break
-            args = tuple(t.to(device, dtype).requires_grad_() for t in (x, w, b) if t is not None)
-            yield (f"linear_relu-x{'x'.join(map(str, shape))}-{'bias' if bias else 'nobias'}",
+            args = tuple(draw.place(t).requires_grad_()
+                         for t in _away_from_kink(draw, shape, bias))
+            yield (_shape_bias_id("linear_relu", shape, bias),
                    F.linear_relu, lambda *a: TF.relu(TF.linear(*a)), args)
+
+
+def _away_from_kink(draw: _Draw, shape: Sequence[int], bias: bool) -> list[Tensor]:
+    """x, W (and b): redrawn until every u = x·Wᵀ (+ b) is 0.1 away from ReLU's kink."""
+    while True:
+        x, w, b = (draw.raw(*s) for s in (shape, (5, 4), (5,)))  # b drawn even when unused
+        u = x @ w.t() + b if bias else x @ w.t()
+        if u.abs().min() >= 0.1:
+            return [x, w, b] if bias else [x, w]
 
 
 def _parser() -> argparse.ArgumentParser:
