@@ -1,35 +1,22 @@
 #!/usr/bin/env python
 """Train an MLP on MNIST with torch_mlp's hand-derived backward passes, checked against native
-autograd while it trains.
+autograd while it trains (torch_mlp.verify every --verify-every steps; see verify.png).
 
-Examples::
-
-    python train.py                                  # the default run (make train)
-    python train.py --hidden 512 256 --epochs 5      # two hidden layers
-    python train.py --native                         # the same network with torch.nn + autograd
-    python train.py --limit 2000 --epochs 2          # a smoke run on 2000 training images
+    python train.py                          # the default run (make train)
+    python train.py --native                 # the same network: torch.nn + native autograd
+    python train.py --limit 2000 --epochs 2  # a smoke run on 2000 training images
     python train.py --resume runs/<run>/checkpoint.pt
-    torchrun --nproc_per_node=2 train.py             # DistributedDataParallel, 2 processes
+    torchrun --nproc_per_node=2 train.py     # DDP; --batch-size stays the global batch
 
-Every ``--verify-every`` steps (default: the first step of every epoch) torch_mlp.verify
-compares the gradients the optimizer is about to use with native autograd's and float64's on
-the same batch; a difference beyond tolerance stops the run. verify.png shows both errors.
-
-Under torchrun (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel.
-``--batch-size`` is the GLOBAL batch: each of the W processes takes batch-size/W samples of
-it, so a DDP run follows the same trajectory as one process, up to float rounding. Only rank 0
-prints and writes. The command line, checkpoints, DDP plumbing and plots are in
-torch_mlp.training; this file is the loop.
+Flags: ``python train.py --help``; in depth: docs/training.md. This file is the model, the
+loss and the loop; the command line, checks, checkpoints, DDP and plots are torch_mlp/training.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,33 +31,15 @@ from torch import Tensor, nn
 import torch_mlp
 import torch_mlp.verify
 from torch_mlp import functional as MF
-from torch_mlp.data import MNISTTensors, atomic_write, load_mnist, prepare_mnist, shuffled_batches
-from torch_mlp.training.checkpoint import (
-    first_line,
-    load_checkpoint,
-    make_checkpoint,
-    restore,
-    save_checkpoint,
-)
-from torch_mlp.training.config import (  # noqa: F401  (DEFAULTS, LR_DEFAULTS: re-exported)
-    DEFAULTS,
-    LR_DEFAULTS,
-    build_parser,
-    merge_resume_args,
-    out_problem,
-    parse_args,
-    resolve_device,
-)
-from torch_mlp.training.distributed import Dist
-from torch_mlp.training.distributed import init_distributed as _init_distributed
-from torch_mlp.training.errors import (
-    CheckpointError,
-    NonFiniteLossError,
-    TrainingError,
-    VerifyError,
-)
-from torch_mlp.training.metrics import VERIFY_ERR_PREFIXES, write_metrics_csv
-from torch_mlp.training.plots import write_curves, write_verify, write_weights
+from torch_mlp.data import MNISTTensors, shuffled_batches
+from torch_mlp.training import checkpoint as ckpt
+from torch_mlp.training import resources
+from torch_mlp.training.config import merge_resume_args, parse_args, resolve_device, write_config
+from torch_mlp.training.distributed import Dist, init_distributed
+from torch_mlp.training.errors import NonFiniteLossError, VerifyError, run_cli
+from torch_mlp.training.messages import diverged, progress_bar, verify_one_line
+from torch_mlp.training.metrics import keep_max_verify_errors, run_result, write_metrics_csv
+from torch_mlp.training.plots import write_plots
 
 IN_FEATURES, NUM_CLASSES = 784, 10
 EVAL_BATCH = 2000
@@ -80,6 +49,10 @@ FUSED_DEVICES = ("cpu", "cuda")
 
 
 # ------------------------------------------------------------------------------ model, loss
+def layer_sizes(hidden: Sequence[int]) -> list[int]:
+    return [IN_FEATURES, *hidden, NUM_CLASSES]
+
+
 def build_model(hidden: Sequence[int], native: bool = False) -> nn.Module:
     """MLP 784-hidden-10 from torch_mlp's modules, or (``native``) the very same network, same
     initial values, made of torch.nn modules."""
@@ -178,20 +151,15 @@ class Run:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def diverged(self) -> str:
-        lr = ("start a new run with a lower --lr (--resume keeps the checkpoint's)"
-              if self.args.resume is not None else "try a lower --lr")
-        if self.last_good is None:
-            return f"training diverged; {lr}. Stopped; no checkpoint was written."
-        path, epoch = self.last_good
-        return (f"training diverged; {lr}. Stopped; the last good checkpoint, {path} (after "
-                f"epoch {epoch}), is kept.")
+
+def optimizer_impl(device: torch.device) -> str:
+    return "fused" if device.type in FUSED_DEVICES else "foreach"
 
 
 def make_optimizer(args: argparse.Namespace, module: nn.Module, total_steps: int,
                    device: torch.device) -> tuple[torch.optim.Optimizer, Any]:
     """The optimizer (fused or foreach, see FUSED_DEVICES) and the per-step lr schedule."""
-    impl = {"fused": True} if device.type in FUSED_DEVICES else {"foreach": True}
+    impl = {optimizer_impl(device): True}
     if args.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             module.parameters(), lr=args.lr, momentum=args.momentum,
@@ -207,119 +175,30 @@ def make_optimizer(args: argparse.Namespace, module: nn.Module, total_steps: int
     return optimizer, None
 
 
-def _memory_available(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with contextlib.suppress(OSError, ValueError, IndexError):  # Linux: free + reclaimable
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
-
-
-def _memory_problem(args: argparse.Namespace, device: torch.device) -> str | None:
-    """Whether parameters, gradients, optimizer state and a batch's activations (float32)
-    fit in the memory available, as a message if not."""
-    sizes = [IN_FEATURES, *args.hidden, NUM_CLASSES]
-    params = sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
-    state = 2 if args.optimizer == "adam" else int(args.momentum > 0)
-    need = 4 * (params * (2 + state) + 3 * max(args.batch_size, EVAL_BATCH) * sum(sizes))
-    free = _memory_available(device)
-    if free is None or need <= free:
-        return None
-    return (f"--hidden {' '.join(map(str, args.hidden))}: the model needs at least "
-            f"{need / 2**30:,.1f} GiB (parameters, gradients, optimizer state, activations), "
-            f"and {device} has {free / 2**30:,.1f} GiB available")
-
-
-def _check_out(args: argparse.Namespace, dd: Dist, device: torch.device) -> Path:
-    """The run directory, checked (not created yet: a data error must leave none behind)."""
-    if args.out is None:
-        args.out = str(Path(args.resume).parent if args.resume is not None
-                       else Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    out = Path(args.out)
-    problem = _memory_problem(args, device)
-    if problem:
-        raise TrainingError(problem)
-    if dd.is_main:
-        problem = out_problem(out)
-        if problem:
-            raise TrainingError(f"--out {out}: {problem}")
-        ck = out / "checkpoint.pt"
-        if ck.exists() and (args.resume is None or Path(args.resume).resolve() != ck.resolve()):
-            raise TrainingError(f"{out} already holds a checkpoint.pt of another run: continue "
-                                f"it with --resume {ck}, or choose another --out")
-    return out
-
-
-def _load_data(args: argparse.Namespace, dd: Dist, device: torch.device, out: Path,
-               data: MNISTTensors | None) -> MNISTTensors:
-    """MNIST on the device (rank 0 unpacks or checks it first), then the run directory."""
-    if data is None:
-        try:
-            if dd.is_main:
-                prepare_mnist(args.data_dir, log=not args.quiet)
-            dd.barrier()
-            data = load_mnist(args.data_dir, device)
-        except OSError as e:
-            raise TrainingError(f"--data-dir {args.data_dir}: cannot read MNIST there "
-                                f"({first_line(e)})") from e
-    if dd.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrainingError(f"--out {out}: cannot create it ({first_line(e)})") from e
-    n = args.limit
-    return MNISTTensors(data.x_train[:n].to(device), data.y_train[:n].to(device),
-                        data.x_test.to(device), data.y_test.to(device))
-
-
-def _steps_per_epoch(args: argparse.Namespace, dd: Dist, n_train: int) -> int:
-    if args.batch_size % dd.world_size:
-        raise TrainingError(f"--batch-size {args.batch_size} must be divisible by the number "
-                            f"of processes ({dd.world_size})")
-    steps = math.ceil((n_train - n_train % dd.world_size) / args.batch_size)
-    if steps == 0:
-        raise TrainingError(
-            f"--limit {args.limit}: {n_train} training image(s) give no step over "
-            f"{dd.world_size} processes (each takes an equal share); use --limit >= "
-            f"{dd.world_size}")
-    return steps
-
-
 def setup(args: argparse.Namespace, dd: Dist, data: MNISTTensors | None) -> Run:
     """Check the flags against the machine, load the data, build the model and optimizer, and
     restore the checkpoint of --resume."""
     device = resolve_device(args.device, dd.local_rank)
     ck = None
     if args.resume is not None:
-        ck = load_checkpoint(args.resume, map_location=device)
+        ck = ckpt.load_checkpoint(args.resume, map_location=device)
         merge_resume_args(args, ck, args.resume)
-        sizes = [IN_FEATURES, *args.hidden, NUM_CLASSES]
-        if list(ck["sizes"]) != sizes:
-            raise CheckpointError(
-                f"checkpoint {args.resume} holds an MLP {'-'.join(map(str, ck['sizes']))}, "
-                f"this run builds {'-'.join(map(str, sizes))}: another architecture")
-    out = _check_out(args, dd, device)
-    data = _load_data(args, dd, device, out, data)
-    steps = _steps_per_epoch(args, dd, len(data.y_train))
+        ckpt.check_sizes(ck, args.resume, layer_sizes(args.hidden))
+    resources.check_memory(args, device, layer_sizes(args.hidden), EVAL_BATCH)
+    out = resources.check_out(args, dd)
+    data = resources.load_data(args, dd, device, out, data)
+    steps = resources.steps_per_epoch(args, dd, len(data.y_train))
     # --native has no hand-derived part: native against native would check nothing.
     verify_every = 0 if args.native else steps if args.verify_every is None else args.verify_every
-    amp_dtype = None
-    if args.amp:
-        amp_dtype = {"cpu": torch.bfloat16, "cuda": torch.float16}.get(device.type)
-        if amp_dtype is None:
-            raise TrainingError(f"--amp supports cpu and cuda, not {device.type}")
+    dtype = resources.amp_dtype(args.amp, device)
     torch.manual_seed(args.seed)
     module = build_model(args.hidden, args.native).to(device)
     optimizer, scheduler = make_optimizer(args, module, steps * args.epochs, device)
     run = Run(args, dd, device, out, data, module, module, optimizer, scheduler,
-              torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None, amp_dtype,
+              torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, dtype,
               steps, verify_every, torch.Generator().manual_seed(args.seed))
     if ck is not None:
-        restore(ck, args.resume, model=module, optimizer=optimizer, scheduler=scheduler,
+        ckpt.restore(ck, args.resume, model=module, optimizer=optimizer, scheduler=scheduler,
                 scaler=run.scaler, shuffle=run.shuffle, device=device)
         run.start_epoch, run.step = int(ck["epoch"]), int(ck["step"])
         run.history = list(ck.get("history", []))
@@ -333,24 +212,15 @@ def setup(args: argparse.Namespace, dd: Dist, data: MNISTTensors | None) -> Run:
     return run
 
 
-def write_config(run: Run) -> None:
-    """config.json: the flags and what they resolved to; and the run's one-line header."""
-    n_params = sum(p.numel() for p in run.module.parameters())
-    sizes = [IN_FEATURES, *run.args.hidden, NUM_CLASSES]
-    config = {
-        **{k: v for k, v in vars(run.args).items() if k != "explicit"},
-        "resolved": {
-            "device": str(run.device), "world_size": run.dd.world_size,
-            "steps_per_epoch": run.steps_per_epoch, "verify_every": run.verify_every,
-            "train_size": len(run.data.y_train), "test_size": len(run.data.y_test),
-            "sizes": sizes, "parameters": n_params, "amp_dtype": str(run.amp_dtype),
-            "optimizer_impl": "fused" if run.device.type in FUSED_DEVICES else "foreach",
-            "torch": str(torch.__version__),
-        },
-    }
+def describe(run: Run) -> None:
+    """config.json (the flags and what they resolved to) and the run's header line."""
+    sizes, n_params = layer_sizes(run.args.hidden), sum(p.numel() for p in run.module.parameters())
     if run.dd.is_main:
-        atomic_write(run.out / "config.json",
-                     lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        write_config(run.out / "config.json", run.args, device=str(run.device),
+                     world_size=run.dd.world_size, steps_per_epoch=run.steps_per_epoch,
+                     verify_every=run.verify_every, train_size=len(run.data.y_train),
+                     test_size=len(run.data.y_test), sizes=sizes, parameters=n_params,
+                     amp_dtype=str(run.amp_dtype), optimizer_impl=optimizer_impl(run.device))
     kind = "torch.nn + native autograd" if run.args.native else "torch_mlp (hand-derived backward)"
     ddp = f" x{run.dd.world_size} processes (DDP)" if run.dd.enabled else ""
     run.say(f"MLP {'-'.join(map(str, sizes))} ({n_params:,} parameters), {kind}, on "
@@ -359,14 +229,6 @@ def write_config(run: Run) -> None:
 
 
 # ------------------------------------------------------------------------------ one epoch
-def _one_line(err: torch_mlp.verify.VerifyError) -> str:
-    """The verdict's first line and every row's numbers, on one line (one CLI error line)."""
-    head = str(err).splitlines()[0].removeprefix("verify: ")
-    rows = "; ".join(f"{r.name}: abs {r.abs:.2e} rel {r.rel:.2e} tol {r.tol:.2e}"
-                     for r in err.report.rows)
-    return f"{head} All: {rows}."
-
-
 def verify_step(run: Run, verifier: torch_mlp.verify.Verifier, errors: dict[str, float],
                 x: Tensor, y: Tensor, loss: Tensor) -> None:
     """Check this step's .grads; keep each parameter's max error (ours, native) vs float64."""
@@ -374,10 +236,9 @@ def verify_step(run: Run, verifier: torch_mlp.verify.Verifier, errors: dict[str,
         report = verifier.check(verified_loss, x, y, run.args.l2, run.args.label_smoothing,
                                 loss=loss.detach())
     except torch_mlp.verify.VerifyError as e:
-        raise VerifyError(f"--verify-every: at step {run.step}: {_one_line(e)}", e.report) from e
-    for row in report.rows[1:]:  # rows[0] is the loss value
-        for prefix, err in zip(VERIFY_ERR_PREFIXES, (row.ours_err, row.native_err)):
-            errors[prefix + row.name] = max(errors.get(prefix + row.name, 0.0), err)
+        msg = f"--verify-every: at step {run.step}: {verify_one_line(e)}"
+        raise VerifyError(msg, e.report) from e
+    keep_max_verify_errors(errors, report.rows)
 
 
 def train_step(run: Run, x: Tensor, y: Tensor, verifier: torch_mlp.verify.Verifier | None,
@@ -406,40 +267,14 @@ def check_finite(run: Run, window: list[Tensor], epoch: int, batch: int) -> floa
     """Stop, naming the first step whose loss is not finite (all processes together); else
     return the window's last loss."""
     losses = torch.stack(window).float()
-    bad = (~torch.isfinite(losses)).float()
-    if run.dd.enabled:
-        run.dd.all_reduce(bad, dist.ReduceOp.MAX)
+    bad = run.dd.all_reduce((~torch.isfinite(losses)).float(), dist.ReduceOp.MAX)
     if bad.any():
         first = int(bad.argmax())
         raise NonFiniteLossError(
             f"loss is {losses[first].item()} at step {run.step - len(window) + first} (epoch "
-            f"{epoch}, batch {batch - len(window) + 1 + first}): training diverged; "
-            f"{run_lower_lr(run)}. Stopped; {run_kept(run)}.")
+            f"{epoch}, batch {batch - len(window) + 1 + first}): "
+            f"{diverged(run.args.resume is not None, run.last_good)}")
     return losses[-1].item()
-
-
-def run_lower_lr(run: Run) -> str:  # --resume keeps the checkpoint's flags: advise what works
-    if run.args.resume is not None:
-        return "start a new run with a lower --lr (--resume keeps the checkpoint's)"
-    return "try a lower --lr"
-
-
-def run_kept(run: Run) -> str:
-    if run.last_good is None:
-        return "no checkpoint was written"
-    path, epoch = run.last_good
-    return f"the last good checkpoint, {path} (after epoch {epoch}), is kept"
-
-
-def _progress_bar(run: Run, epoch: int, total: int) -> Any:
-    if not run.dd.is_main or run.args.quiet:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress bars are optional
-        return None
-    return tqdm(total=total, unit="img", unit_scale=True, leave=False, mininterval=0.5,
-                desc=f"epoch {epoch}/{run.args.epochs}", dynamic_ncols=True)
 
 
 def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, Any], torch_mlp.verify.Verifier]:
@@ -455,7 +290,8 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, Any], torch_mlp.ver
     # (a sync), naming the first bad step of the window all the same.
     check_every = 1 if run.device.type == "cpu" and not dd.enabled else 10
     window: list[Tensor] = []
-    bar = _progress_bar(run, epoch, n - n % dd.world_size)
+    bar = progress_bar(dd.is_main and not args.quiet, n - n % dd.world_size,
+                       f"epoch {epoch}/{args.epochs}")
     batches = shuffled_batches(n, args.batch_size, run.shuffle, rank=dd.rank,
                                world_size=dd.world_size, device=run.device)
     for b, idx in enumerate(batches):
@@ -470,12 +306,9 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, Any], torch_mlp.ver
         if len(window) == check_every or b == len(batches) - 1:
             last = check_finite(run, window, epoch, b)
             window.clear()
-            if bar is not None:
-                bar.set_postfix(loss=f"{last:.4f}", refresh=False)
-        if bar is not None:
-            bar.update(len(y) * dd.world_size)
-    if bar is not None:
-        bar.close()
+            bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+        bar.update(len(y) * dd.world_size)
+    bar.close()
     seconds = time.perf_counter() - t0
     loss_sum, correct, seen = dd.all_reduce(running).tolist()
     return {"epoch": epoch, "step": run.step, "lr": run.optimizer.param_groups[0]["lr"],
@@ -502,12 +335,12 @@ def end_epoch(run: Run, row: dict[str, Any], t0: float) -> None:
     if dd.all_reduce(finite, dist.ReduceOp.MIN).item() < 1:
         raise NonFiniteLossError(
             f"after epoch {epoch} (step {run.step}) the weights or the test loss "
-            f"({row['test_loss']}) are not finite: training diverged; {run_lower_lr(run)}. "
-            f"This epoch is not saved; {run_kept(run)}.")
+            f"({row['test_loss']}) are not finite: "
+            f"{diverged(run.args.resume is not None, run.last_good, 'This epoch is not saved')}")
     run.history.append(row)
     if dd.is_main:
-        save_checkpoint(run.out / "checkpoint.pt", make_checkpoint(
-            epoch=epoch, step=run.step, sizes=[IN_FEATURES, *run.args.hidden, NUM_CLASSES],
+        ckpt.save_checkpoint(run.out / "checkpoint.pt", ckpt.make_checkpoint(
+            epoch=epoch, step=run.step, sizes=layer_sizes(run.args.hidden),
             model=run.module, optimizer=run.optimizer, scheduler=run.scheduler,
             scaler=run.scaler, shuffle=run.shuffle, device=run.device, history=run.history,
             args={k: v for k, v in vars(run.args).items() if k != "explicit"}))
@@ -516,22 +349,9 @@ def end_epoch(run: Run, row: dict[str, Any], t0: float) -> None:
         write_metrics_csv(run.out / "metrics.csv", run.history)
 
 
-def write_outputs(run: Run) -> None:
-    """weights.png, curves.png and (when anything was verified) verify.png, by rank 0."""
-    if not run.dd.is_main or "train_loss" not in run.history[-1]:
-        return
-    write_weights(run.out / "weights.png", _linear_weights(run.module)[0])
-    try:
-        write_curves(run.out / "curves.png", run.history)
-        if any(k.startswith(VERIFY_ERR_PREFIXES) for h in run.history for k in h):
-            write_verify(run.out / "verify.png", run.history)
-    except ImportError as e:
-        run.say(f"warning: no curves.png or verify.png ({e}); pip install matplotlib")
-
-
 def fit(run: Run, t_start: float) -> dict[str, Any]:
     """The epochs from where the run stands to --epochs; returns the final metrics."""
-    write_config(run)
+    describe(run)
     for epoch in range(run.start_epoch + 1, run.args.epochs + 1):
         t0 = time.perf_counter()
         row, verifier = train_one_epoch(run, epoch)
@@ -543,12 +363,11 @@ def fit(run: Run, t_start: float) -> dict[str, Any]:
     if not run.history:  # resumed a finished run: report what it reached
         m = evaluate(run.module, run.data.x_test, run.data.y_test)
         run.history = [{"epoch": run.start_epoch, "test_loss": m["loss"], "test_acc": m["acc"]}]
-    write_outputs(run)
-    train_time = sum(h.get("seconds", 0.0) for h in run.history)
-    verify_time = sum(h.get("verify_seconds", 0.0) for h in run.history)
-    result = {**run.history[-1], "out": str(run.out), "history": run.history,
-              "wall_seconds": time.perf_counter() - t_start,
-              "verify_overhead": verify_time / train_time if train_time else 0.0}
+    if run.dd.is_main and "train_loss" in run.history[-1]:
+        warning = write_plots(run.out, run.history, _linear_weights(run.module)[0])
+        if warning:
+            run.say(warning)
+    result = run_result(run.history, run.out, time.perf_counter() - t_start)
     if "train_loss" in run.history[-1]:
         run.say(f"done: test accuracy {100 * result['test_acc']:.2f}% after {result['epoch']} "
                 f"epochs, {result['wall_seconds']:.1f} s in train(); verify took "
@@ -564,21 +383,13 @@ def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[st
     KeyboardInterrupt leaves with ``checkpoint`` set: the path to resume from, or None.
     """
     t_start = time.perf_counter()
-    dd = _init_distributed(args.device)
+    dd = init_distributed(args.device)
     try:
-        result = fit(setup(args, dd, data), t_start)
+        with dd.closing():  # barrier, then destroy the group; after a failure destroy only
+            return fit(setup(args, dd, data), t_start)
     except KeyboardInterrupt as e:
-        dd.close(failed=True)
-        ck = Path(args.out) / "checkpoint.pt" if args.out is not None else None
-        if ck is None or not ck.is_file():  # none written yet: the one resumed from, if any
-            ck = Path(args.resume) if args.resume is not None else None
-        e.checkpoint = str(ck) if ck is not None else None  # type: ignore[attr-defined]
+        e.checkpoint = ckpt.checkpoint_to_resume(args.out, args.resume)  # type: ignore[attr-defined]
         raise
-    except BaseException:
-        dd.close(failed=True)  # no barrier: the other processes may never reach it
-        raise
-    dd.close()
-    return result
 
 
 def main(argv: Sequence[str] | None = None, *, data: MNISTTensors | None = None
@@ -587,25 +398,9 @@ def main(argv: Sequence[str] | None = None, *, data: MNISTTensors | None = None
     epoch's row of metrics.csv plus ``out``, ``wall_seconds``, ``verify_overhead`` and
     ``history``. ``data``: MNIST already loaded (tests, notebooks); default: load it."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with resources.num_threads(args.threads):
         return train(args, data)
-    finally:
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
-    from torch_mlp.data import MNISTIntegrityError
-
-    try:
-        main()
-    except (TrainingError, MNISTIntegrityError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as err:
-        ck_path = getattr(err, "checkpoint", None)
-        print("train.py: interrupted; " + (f"continue with --resume {ck_path}" if ck_path else
-              "no checkpoint was written yet, so start the run again"), file=sys.stderr)
-        sys.exit(130)
+    run_cli(main)

@@ -163,10 +163,10 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
             loop_images += seen
             print(f"  e2e DataLoader loop: {secs:.2f} s for {seen} images -> {loop[-1]:.1f} "
                   "s/epoch", flush=True)
-    defaults = train.DEFAULTS
-    sizes = [784, *defaults["hidden"], 10]
-    flops = epoch_gemm_flops(sizes, n, defaults["batch_size"])
-    rate = gemm_rate(sizes, defaults["batch_size"], device, quick)
+    from torch_mlp.training.config import DEFAULTS
+    sizes = [784, *DEFAULTS["hidden"], 10]
+    flops = epoch_gemm_flops(sizes, n, DEFAULTS["batch_size"])
+    rate = gemm_rate(sizes, DEFAULTS["batch_size"], device, quick)
     ideal_s = flops / rate
     print(f"  e2e roofline: {flops / 1e9:.1f} GFLOP of GEMMs per {n} images at "
           f"{rate / 1e9:.1f} GFLOP/s = {ideal_s:.2f} s", flush=True)
@@ -177,7 +177,7 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
         "native_s_per_epoch": statistics.median(native) * scale,
         "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "pairs": len(ratios), "images_timed": n,
-        "sizes": sizes, "batch_size": defaults["batch_size"],
+        "sizes": sizes, "batch_size": DEFAULTS["batch_size"],
         "gemm_gflop_per_epoch": flops * scale / 1e9, "gemm_gflops": rate / 1e9,
         "roofline_s_per_epoch": ideal_s * scale,
         "roofline_pct": 100 * ideal_s / statistics.median(custom),

@@ -23,6 +23,21 @@ if str(ROOT) not in sys.path:
 import train as T  # noqa: E402
 from torch_mlp.data import MNISTTensors, load_mnist  # noqa: E402
 from torch_mlp.functional import SoftmaxCrossEntropyFunction  # noqa: E402
+from torch_mlp.training import resources  # noqa: E402
+from torch_mlp.training.checkpoint import load_checkpoint  # noqa: E402
+from torch_mlp.training.config import (  # noqa: E402
+    DEFAULTS,
+    LR_DEFAULTS,
+    build_parser,
+    parse_args,
+)
+from torch_mlp.training.distributed import Dist  # noqa: E402
+from torch_mlp.training.errors import (  # noqa: E402
+    CheckpointError,
+    NonFiniteLossError,
+    TrainingError,
+    VerifyError,
+)
 from torch_mlp.training.metrics import METRIC_FIELDS  # noqa: E402
 
 # Small and fast: 1000 training images, 10 steps of 100 per epoch, hidden 32, one thread (the
@@ -170,7 +185,7 @@ def test_verify_every_catches_a_wrong_backward(run, tmp_path: Path,
         return (grad_z * grad_z.shape[0], *rest)  # forgets the 1/N of the mean
 
     monkeypatch.setattr(SoftmaxCrossEntropyFunction, "backward", staticmethod(no_mean))
-    with pytest.raises(T.VerifyError, match=r"^--verify-every: at step 0: the gradient of \S+ "
+    with pytest.raises(VerifyError, match=r"^--verify-every: at step 0: the gradient of \S+ "
                        r"differs from native autograd's: max abs diff .* > tolerance "
                        r".*\(torch.float32\)") as exc:
         run()
@@ -215,7 +230,7 @@ def test_verify_every_catches_a_wrong_loss_value(run, monkeypatch: pytest.Monkey
     forward = L2PenaltyFunction.forward
     monkeypatch.setattr(L2PenaltyFunction, "forward",
                         staticmethod(lambda lam, *w: 2 * forward(lam, *w)))
-    with pytest.raises(T.VerifyError, match=r"^--verify-every: at step 0: the loss value differs "
+    with pytest.raises(VerifyError, match=r"^--verify-every: at step 0: the loss value differs "
                        r"from the float64 loss: .* the forward \(value\) of the loss is wrong; "
                        r"every gradient is within tolerance\. All: loss: abs .*\.$"):
         run("--l2", "0.01")
@@ -277,7 +292,7 @@ def test_verify_raises_no_false_alarm(l2: str, batch: int, lr: str | None, data_
              str(batch), "--l2", l2, "--verify-every", "1", "--quiet", "--threads", "1"]
     try:
         result = T.main([*flags, *(["--lr", lr] if lr else [])], data=mnist)
-    except T.NonFiniteLossError:
+    except NonFiniteLossError:
         assert l2 == "1.0" and lr == "2.0"
         return
     assert result["verify_checks"] == (50 if batch == 4 else 2)
@@ -288,7 +303,11 @@ def test_verify_every_n_steps_and_its_cost(run) -> None:
     result = run("--verify-every", "3")
     # Steps 0..19, every 3rd: 0 3 6 9 in epoch 1, 12 15 18 in epoch 2.
     assert [h["verify_checks"] for h in result["history"]] == [4, 3]
-    assert result["verify_overhead"] < 0.5  # tiny model: the cost is measured, not asserted
+    # verify's share of the epochs' seconds; how large depends on the (shared) CPU: not asserted.
+    h = result["history"]
+    assert 0 < result["verify_overhead"] < 1
+    assert result["verify_overhead"] == pytest.approx(
+        sum(r["verify_seconds"] for r in h) / sum(r["seconds"] for r in h))
 
 
 def test_amp_bfloat16_on_cpu(run) -> None:
@@ -337,14 +356,14 @@ def test_cuda_without_cuda_is_an_argparse_error(capsys: pytest.CaptureFixture[st
 
 
 def test_every_flag_documents_its_default() -> None:
-    parser = T.build_parser()
+    parser = build_parser()
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert "(default: " in (action.help or ""), action.dest
-    args = T.parse_args([])
-    for key, value in T.DEFAULTS.items():  # the one place the defaults live
+    args = parse_args([])
+    for key, value in DEFAULTS.items():  # the one place the defaults live
         assert getattr(args, key) == value
-    assert args.lr == T.LR_DEFAULTS["sgd"] and T.parse_args(["--optimizer", "adam"]).lr == 1e-3
+    assert args.lr == LR_DEFAULTS["sgd"] and parse_args(["--optimizer", "adam"]).lr == 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -369,14 +388,14 @@ def test_corrupt_checkpoint_is_a_clear_error(damage: str, run, finished_run: Pat
     else:
         torch.save({"model": {}}, bad)
         match = "bad.pt is not a train.py checkpoint"
-    with pytest.raises(T.CheckpointError, match=match):
+    with pytest.raises(CheckpointError, match=match):
         run("--resume", str(bad), out="resumed")
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(run, finished_run: Path,
                                                             data_dir: Path,
                                                             tmp_path: Path) -> None:
-    with pytest.raises(T.CheckpointError, match=r"another architecture: --hidden \[64\] "
+    with pytest.raises(CheckpointError, match=r"another architecture: --hidden \[64\] "
                        r"\(checkpoint: \[32\]\)"):
         run("--hidden", "64", "--resume", str(finished_run), out="resumed")
     # A checkpoint whose weights do not match its own flags (edited by hand, say).
@@ -384,14 +403,14 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(run, finished_run: 
     ck["args"]["hidden"] = [16]
     odd = tmp_path / "odd.pt"
     torch.save(ck, odd)
-    with pytest.raises(T.CheckpointError, match="holds an MLP 784-32-10, this run builds "
+    with pytest.raises(CheckpointError, match="holds an MLP 784-32-10, this run builds "
                        "784-16-10: another architecture"):
         T.main(["--resume", str(odd), "--data-dir", str(data_dir), "--quiet",
                 "--out", str(tmp_path / "odd")])
 
 
 def test_out_dir_of_another_run_is_not_overwritten(data_dir: Path, finished_run: Path) -> None:
-    with pytest.raises(T.TrainingError, match=r"already holds a checkpoint\.pt of another run"):
+    with pytest.raises(TrainingError, match=r"already holds a checkpoint\.pt of another run"):
         T.main(["--data-dir", str(data_dir), "--out", str(finished_run.parent), *FAST])
 
 
@@ -408,7 +427,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
         return loss * float("nan") if len(calls) == 13 else loss  # step 12, in epoch 2
 
     monkeypatch.setattr(T, "custom_loss", poisoned)
-    with pytest.raises(T.NonFiniteLossError, match=r"loss is nan at step 12 \(epoch 2, batch 2\)"
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 12 \(epoch 2, batch 2\)"
                        r".*last good checkpoint.*after epoch 1.*is kept"):
         run()
     ck = _load(tmp_path / "run" / "checkpoint.pt")
@@ -416,7 +435,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
 
 
 def test_divergence_from_a_huge_learning_rate_stops(run) -> None:
-    with pytest.raises(T.NonFiniteLossError, match=r"at step \d+ .*try a lower --lr"):
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ .*try a lower --lr"):
         run("--lr", "1e6", "--schedule", "none", "--label-smoothing", "0")
 
 
@@ -548,7 +567,7 @@ def test_out_not_writable_is_refused_before_the_data_loads(
     (tmp_path / "ro").mkdir()
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, m: False if Path(p).name == "ro" else real(p, m))
-    monkeypatch.setattr(T, "load_mnist", lambda *a: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(resources, "load_mnist", lambda *a: pytest.fail("the data was loaded"))
     with pytest.raises(SystemExit) as exc:
         run(out="ro/run", load=True)
     assert exc.value.code == 2
@@ -561,7 +580,7 @@ def test_data_error_leaves_no_run_directory(data_dir: Path, tmp_path: Path,
     def broken(*_: Any, **__: Any) -> None:
         raise MNISTIntegrityError("MNIST file x is corrupted")
 
-    monkeypatch.setattr(T, "prepare_mnist", broken)
+    monkeypatch.setattr(resources, "prepare_mnist", broken)
     with pytest.raises(MNISTIntegrityError):
         T.main(["--data-dir", str(data_dir), "--out", str(tmp_path / "new" / "run"), *FAST])
     assert not (tmp_path / "new").exists()
@@ -573,21 +592,21 @@ def test_data_dir_unreadable_is_an_argparse_error(
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == tmp_path else real(p, m))
     with pytest.raises(SystemExit) as exc:
-        T.parse_args(["--data-dir", str(tmp_path)])
+        parse_args(["--data-dir", str(tmp_path)])
     assert exc.value.code == 2
     assert f"--data-dir {tmp_path}: permission denied" in capsys.readouterr().err
 
 
 def test_threads_above_the_cpu_count_warns(capsys: pytest.CaptureFixture[str]) -> None:
     n = (os.cpu_count() or 1) + 1
-    T.parse_args(["--threads", str(n)])
+    parse_args(["--threads", str(n)])
     assert f"warning: --threads {n} is more than" in capsys.readouterr().err
 
 
 def test_zero_steps_per_epoch_is_a_clear_error(run, monkeypatch: pytest.MonkeyPatch) -> None:
     # Two processes and one image: no process gets a sample (single process: --limit >= 1 works).
-    monkeypatch.setattr(T, "_init_distributed", lambda _: T.Dist(rank=0, world_size=2))
-    with pytest.raises(T.TrainingError, match=r"--limit 1: 1 training image.* no step over 2 "
+    monkeypatch.setattr(T, "init_distributed", lambda _: Dist(rank=0, world_size=2))
+    with pytest.raises(TrainingError, match=r"--limit 1: 1 training image.* no step over 2 "
                        r"processes"):
         run("--limit", "1", "--batch-size", "2")
 
@@ -647,16 +666,16 @@ def test_flipped_byte_in_a_checkpoint_is_detected(run, finished_run: Path,
     bad.write_bytes(finished_run.read_bytes())
     record = _flip_byte_in_largest_record(bad)
     assert "data/" in record
-    with pytest.raises(T.CheckpointError, match=f"checkpoint {re.escape(str(bad))} is corrupted"):
-        T.load_checkpoint(bad)
-    with pytest.raises(T.CheckpointError, match="corrupted"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(bad))} is corrupted"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="corrupted"):
         run("--resume", str(bad), out="resumed")
 
 
 def test_empty_checkpoint_is_a_clear_error(run, tmp_path: Path) -> None:
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    with pytest.raises(T.CheckpointError, match=r"cannot read checkpoint .*empty\.pt"):
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*empty\.pt"):
         run("--resume", str(empty), out="resumed")
 
 
@@ -668,7 +687,7 @@ def test_divergence_after_resume_names_the_checkpoint_that_exists(
     resumable = tmp_path / "from" / "checkpoint.pt"
     real = T.custom_loss
     monkeypatch.setattr(T, "custom_loss", lambda *a: real(*a) * float("nan"))
-    with pytest.raises(T.NonFiniteLossError) as exc:
+    with pytest.raises(NonFiniteLossError) as exc:
         T.main(["--resume", str(resumable), "--data-dir", str(data_dir), "--quiet",
                 "--out", str(tmp_path / "new")], data=mnist)
     msg = str(exc.value)
@@ -691,7 +710,7 @@ def test_non_finite_weights_are_not_saved_as_a_good_checkpoint(
         return out
 
     monkeypatch.setattr(torch.optim.SGD, "step", step)
-    with pytest.raises(T.NonFiniteLossError, match=r"after epoch 2 .* not finite.*not saved; "
+    with pytest.raises(NonFiniteLossError, match=r"after epoch 2 .* not finite.*not saved; "
                        r"the last good checkpoint, .*checkpoint.pt \(after epoch 1\)"):
         run()
     assert _load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1

@@ -50,6 +50,16 @@ def test_destroy_runs_even_if_the_barrier_fails(calls: list[str],
     assert calls == ["destroy"]
 
 
+def test_closing_closes_after_the_block(calls: list[str]) -> None:
+    with D.Dist(rank=0, world_size=2, owns_group=True).closing() as dd:
+        assert calls == [] and dd.world_size == 2
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt), D.Dist(rank=0, world_size=2, owns_group=True).closing():
+        raise KeyboardInterrupt  # a failure: no barrier, the exception goes on
+    assert calls == ["destroy"]
+
+
 def test_init_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert D.init_distributed("cpu") == D.Dist()

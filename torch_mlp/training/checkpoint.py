@@ -21,8 +21,8 @@ from torch import nn
 from ..data import atomic_write
 from .errors import CheckpointError
 
-__all__ = ["CHECKPOINT_FORMAT", "REQUIRED_KEYS", "first_line", "load_checkpoint",
-           "make_checkpoint", "restore", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "REQUIRED_KEYS", "check_sizes", "checkpoint_to_resume",
+           "first_line", "load_checkpoint", "make_checkpoint", "restore", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "torch_mlp.train/1"
 REQUIRED_KEYS = frozenset({"epoch", "step", "sizes", "model", "optimizer", "rng", "args"})
@@ -89,6 +89,23 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(sorted(missing))}")
     return ck
+
+
+def check_sizes(ck: dict[str, Any], path: str | os.PathLike[str], sizes: list[int]) -> None:
+    """Refuse a checkpoint whose MLP layer sizes are not ``sizes``."""
+    if list(ck["sizes"]) != sizes:
+        raise CheckpointError(
+            f"checkpoint {path} holds an MLP {'-'.join(map(str, ck['sizes']))}, "
+            f"this run builds {'-'.join(map(str, sizes))}: another architecture")
+
+
+def checkpoint_to_resume(out: str | None, resume: str | None) -> str | None:
+    """After an interruption: the run directory's checkpoint.pt, else (none written yet) the
+    one the run resumed from, else None."""
+    ck = Path(out) / "checkpoint.pt" if out is not None else None
+    if ck is None or not ck.is_file():
+        ck = Path(resume) if resume is not None else None
+    return str(ck) if ck is not None else None
 
 
 def restore(ck: dict[str, Any], path: str | os.PathLike[str], *, model: nn.Module,

@@ -9,6 +9,7 @@ cannot drift from the code.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -18,11 +19,12 @@ from typing import Any
 
 import torch
 
+from ..data import atomic_write
 from .errors import CheckpointError
 
 __all__ = ["DEFAULTS", "DEFAULT_TEXT", "LR_DEFAULTS", "RUN_DEFAULTS", "TRAJECTORY_KEYS",
            "build_parser", "format_default", "merge_resume_args", "out_problem", "parse_args",
-           "resolve_device"]
+           "resolve_device", "write_config"]
 
 # Defaults, chosen by tools/sweep_defaults.py (README, "How the defaults were chosen"): the
 # cheapest configuration whose 3 seeds all reached 98.78%; 58-66 s for the whole run on 2 CPU
@@ -299,3 +301,11 @@ def merge_resume_args(args: argparse.Namespace, ck: dict[str, Any], path: str) -
             f"checkpoint {path} is from a run with {what}: {'; '.join(clashes)}. --resume "
             f"continues the same run, with the checkpoint's flags; start a new run to change them."
         )
+
+
+def write_config(path: str | os.PathLike[str], args: argparse.Namespace, **resolved: Any) -> None:
+    """config.json: the flags, and under ``"resolved"`` what they resolved to (``resolved``,
+    then the torch version)."""
+    config = {**{k: v for k, v in vars(args).items() if k != "explicit"},
+              "resolved": {**resolved, "torch": str(torch.__version__)}}
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))

@@ -5,13 +5,15 @@ Under torchrun (``WORLD_SIZE`` > 1), :func:`init_distributed` joins the process 
 CPU, NCCL on CUDA) unless the caller already did; :meth:`Dist.close` tears down only a group
 it created: every process first meets at a barrier (none leaves while another still trains or
 writes), then destroys the group. After a failure it destroys the group directly, without the
-barrier, which a failed process's peers might never reach.
+barrier, which a failed process's peers might never reach. :meth:`Dist.closing` does either
+on leaving a ``with`` block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,17 @@ class Dist:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[Dist]:
+        """``with dd.closing():`` calls :meth:`close` on the way out: barrier then destroy
+        after the block ran through, destroy only after an exception (Ctrl-C included)."""
+        try:
+            yield self
+        except BaseException:
+            self.close(failed=True)  # no barrier: the other processes may never reach it
+            raise
+        self.close()
 
 
 def init_distributed(device_name: str) -> Dist:

@@ -1,8 +1,12 @@
-"""The exceptions a training run stops with; each message is one line that says what to do."""
+"""The exceptions a training run stops with; each message is one line that says what to do.
+:func:`run_cli` turns them into that one line on stderr when train.py runs as a command."""
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "NonFiniteLossError", "TrainingError", "VerifyError"]
+import sys
+from collections.abc import Callable
+
+__all__ = ["CheckpointError", "NonFiniteLossError", "TrainingError", "VerifyError", "run_cli"]
 
 
 class TrainingError(RuntimeError):
@@ -24,3 +28,21 @@ class VerifyError(TrainingError):
 
 class CheckpointError(TrainingError):
     """A checkpoint cannot be read, or is not one this run can continue."""
+
+
+def run_cli(main: Callable[[], object], prog: str = "train.py") -> None:
+    """Call ``main()`` as a command: a TrainingError or MNISTIntegrityError is one ``prog:
+    error:`` line and exit status 1; Ctrl-C says what to resume from (the interrupt's
+    ``checkpoint`` attribute) and exits with 130."""
+    from ..data import MNISTIntegrityError
+
+    try:
+        main()
+    except (TrainingError, MNISTIntegrityError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as err:
+        ck_path = getattr(err, "checkpoint", None)
+        print(f"{prog}: interrupted; " + (f"continue with --resume {ck_path}" if ck_path else
+              "no checkpoint was written yet, so start the run again"), file=sys.stderr)
+        sys.exit(130)

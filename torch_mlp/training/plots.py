@@ -18,7 +18,7 @@ from torch import Tensor
 from ..data import atomic_write
 from .metrics import VERIFY_ERR_PREFIXES
 
-__all__ = ["verified_parameters", "write_curves", "write_verify", "write_weights"]
+__all__ = ["verified_parameters", "write_curves", "write_plots", "write_verify", "write_weights"]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -117,3 +117,18 @@ def write_weights(path: str | os.PathLike[str], weight: Tensor, max_units: int =
     grid = grid.repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
     pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     atomic_write(Path(path), lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+
+
+def write_plots(out: str | os.PathLike[str], history: Sequence[dict[str, Any]],
+                first_weight: Tensor) -> str | None:
+    """A run's weights.png, curves.png and (when ``history`` has verify columns) verify.png in
+    ``out``; without matplotlib, only weights.png, and the warning to print is returned."""
+    out = Path(out)
+    write_weights(out / "weights.png", first_weight)
+    try:
+        write_curves(out / "curves.png", history)
+        if any(k.startswith(VERIFY_ERR_PREFIXES) for h in history for k in h):
+            write_verify(out / "verify.png", history)
+    except ImportError as e:
+        return f"warning: no curves.png or verify.png ({e}); pip install matplotlib"
+    return None
