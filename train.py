@@ -37,6 +37,7 @@ from torch_mlp.training import resources
 from torch_mlp.training.config import merge_resume_args, parse_args, resolve_device, write_config
 from torch_mlp.training.distributed import Dist, init_distributed
 from torch_mlp.training.errors import NonFiniteLossError, VerifyError, run_cli
+from torch_mlp.training.guards import LossWatch
 from torch_mlp.training.messages import diverged, progress_bar, verify_one_line
 from torch_mlp.training.metrics import keep_max_verify_errors, run_result, write_metrics_csv
 from torch_mlp.training.plots import write_plots
@@ -94,25 +95,23 @@ def verified_loss(model: nn.Module, x: Tensor, y: Tensor, l2: float,
 
 
 @torch.no_grad()
-def _eval_sums(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH) -> Tensor:
-    """[Σ cross-entropy, number correct] over (x, y), as a float64 tensor on x's device."""
-    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        logits = model(xb).float()
-        sums[0] += TF.cross_entropy(logits, yb, reduction="sum")
-        sums[1] += (logits.argmax(-1) == yb).sum()
-    return sums
-
-
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH
-             ) -> dict[str, float]:
-    """Mean cross-entropy (no smoothing, no L2) and accuracy of ``model`` on (x, y)."""
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATCH,
+             dd: Dist | None = None) -> dict[str, float]:
+    """Mean cross-entropy (no smoothing, no L2) and accuracy of ``model`` on (x, y). Under
+    DDP (``dd``) each process takes every world_size-th sample and the sums are added up."""
+    dd = dd or Dist()
     was_training = model.training
     model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=x.device)  # Σ cross-entropy, Σ correct
     try:
-        loss_sum, correct = _eval_sums(model, x, y, batch_size).tolist()
+        shard = slice(dd.rank, None, dd.world_size)
+        for xb, yb in zip(x[shard].split(batch_size), y[shard].split(batch_size)):
+            logits = model(xb).float()
+            sums[0] += TF.cross_entropy(logits, yb, reduction="sum")
+            sums[1] += (logits.argmax(-1) == yb).sum()
     finally:
         model.train(was_training)
+    loss_sum, correct = dd.all_reduce(sums).tolist()
     n = max(len(y), 1)
     return {"loss": loss_sum / n, "acc": correct / n}
 
@@ -263,20 +262,6 @@ def train_step(run: Run, x: Tensor, y: Tensor, verifier: torch_mlp.verify.Verifi
     return loss.detach(), logits.detach()
 
 
-def check_finite(run: Run, window: list[Tensor], epoch: int, batch: int) -> float:
-    """Stop, naming the first step whose loss is not finite (all processes together); else
-    return the window's last loss."""
-    losses = torch.stack(window).float()
-    bad = run.dd.all_reduce((~torch.isfinite(losses)).float(), dist.ReduceOp.MAX)
-    if bad.any():
-        first = int(bad.argmax())
-        raise NonFiniteLossError(
-            f"loss is {losses[first].item()} at step {run.step - len(window) + first} (epoch "
-            f"{epoch}, batch {batch - len(window) + 1 + first}): "
-            f"{diverged(run.args.resume is not None, run.last_good)}")
-    return losses[-1].item()
-
-
 def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, Any], torch_mlp.verify.Verifier]:
     """One pass over the (shuffled) training set; returns the epoch's training metrics."""
     args, dd, n = run.args, run.dd, len(run.data.y_train)
@@ -288,8 +273,8 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, Any], torch_mlp.ver
     running = torch.zeros(3, dtype=torch.float64, device=run.device)  # Σ loss·n, Σ correct, n
     # NaN/inf check: every step on CPU (free); on an accelerator or under DDP every few steps
     # (a sync), naming the first bad step of the window all the same.
-    check_every = 1 if run.device.type == "cpu" and not dd.enabled else 10
-    window: list[Tensor] = []
+    watch = LossWatch(dd, 1 if run.device.type == "cpu" and not dd.enabled else 10,
+                      diverged(args.resume is not None, run.last_good))
     bar = progress_bar(dd.is_main and not args.quiet, n - n % dd.world_size,
                        f"epoch {epoch}/{args.epochs}")
     batches = shuffled_batches(n, args.batch_size, run.shuffle, rank=dd.rank,
@@ -301,11 +286,9 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, Any], torch_mlp.ver
         running[0] += loss * len(y)
         running[1] += (logits.argmax(-1) == y).sum()
         running[2] += len(y)
-        window.append(loss)
+        last = watch.add(loss, run.step, epoch, b, last=b == len(batches) - 1)
         run.step += 1
-        if len(window) == check_every or b == len(batches) - 1:
-            last = check_finite(run, window, epoch, b)
-            window.clear()
+        if last is not None:
             bar.set_postfix(loss=f"{last:.4f}", refresh=False)
         bar.update(len(y) * dd.world_size)
     bar.close()
@@ -323,11 +306,8 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, Any], torch_mlp.ver
 def end_epoch(run: Run, row: dict[str, Any], t0: float) -> None:
     """Evaluate on the test set, refuse non-finite weights, save the checkpoint and metrics."""
     dd, data, epoch = run.dd, run.data, row["epoch"]
-    run.model.eval()
-    test = dd.all_reduce(_eval_sums(run.module, data.x_test[dd.rank::dd.world_size],
-                                    data.y_test[dd.rank::dd.world_size]))
-    row["test_loss"] = test[0].item() / len(data.y_test)
-    row["test_acc"] = test[1].item() / len(data.y_test)
+    test = evaluate(run.module, data.x_test, data.y_test, dd=dd)
+    row["test_loss"], row["test_acc"] = test["loss"], test["acc"]
     row["seconds"] = time.perf_counter() - t0  # training + evaluation
     # An epoch that ends on non-finite weights or test loss is no good checkpoint.
     finite = torch.tensor([float(math.isfinite(row["test_loss"]) and all(
