@@ -198,7 +198,7 @@ def setup(args: argparse.Namespace, dd: Dist, data: MNISTTensors | None) -> Run:
               steps, verify_every, torch.Generator().manual_seed(args.seed))
     if ck is not None:
         ckpt.restore(ck, args.resume, model=module, optimizer=optimizer, scheduler=scheduler,
-                scaler=run.scaler, shuffle=run.shuffle, device=device)
+                     scaler=run.scaler, shuffle=run.shuffle, device=device)
         run.start_epoch, run.step = int(ck["epoch"]), int(ck["step"])
         run.history = list(ck.get("history", []))
         run.last_good = (Path(args.resume), run.start_epoch)

@@ -1,5 +1,8 @@
-"""The reusable parts of train.py: command line (config), checkpoints, DDP setup and teardown
-(distributed), metrics.csv (metrics) and the run's pictures (plots).
+"""The reusable parts of train.py: the command line and config.json (config), the checks a
+run passes before it trains (resources), checkpoints (checkpoint), DDP setup and teardown
+(distributed), the NaN/inf stop (guards), metrics.csv and the run's result (metrics), the
+pictures (plots), the exceptions and the CLI's one-line errors (errors), and what a run prints
+besides its epoch lines (messages).
 
 Nothing here imports train.py; train.py is the loop, these are the parts around it.
 """
