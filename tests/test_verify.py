@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -154,6 +155,66 @@ def test_wrong_loss_value_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(verify.VerifyError, match=r"the loss value differs.*every gradient is "
                                                  r"within tolerance"):
         verify.check(model, _loss, x, y, loss=loss)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    # One thread: float32 sums in a fixed order, and no oversubscribed cores at this size.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _mnist_sized_step() -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """A 784-256-10 MLP, batch 256, cross-entropy + L2 (λ large enough for the L2 term to
+    weigh): the step's (model, x, y, loss), the gradients in .grad."""
+    torch.manual_seed(0)
+    model = torch_mlp.convert(torchvision.ops.MLP(784, [256, 10]))
+    x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
+    loss = _mnist_loss(model, x, y)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return model, x, y, loss.detach()
+
+
+def _mnist_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    weights = [m.weight for m in model.modules() if isinstance(m, torch_mlp.Linear)]
+    return F.cross_entropy(model(x), y) + F.l2_penalty(weights, 0.1)
+
+
+def test_loss_value_in_another_summation_order_passes(one_thread: None) -> None:
+    model, x, y, loss = _mnist_sized_step()
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch_mlp.Linear)]
+    with torch.no_grad():
+        terms = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        flat = torch.cat([w.reshape(-1) for w in weights])
+        # The same loss in float32, summed in other orders: the cross-entropy terms reversed
+        # or permuted, ΣW² as one dot, permuted, or as a sequential (cumulative) sum.
+        variants = {
+            "reversed terms, dot": terms.flip(0).sum() / 256 + 0.05 * flat.dot(flat),
+            "permuted": terms[torch.randperm(256)].mean()
+            + 0.05 * flat[torch.randperm(flat.numel())].square().sum(),
+            "sequential": terms.cumsum(0)[-1] / 256 + 0.05 * flat.square().cumsum(0)[-1],
+        }
+    assert any(v != loss for v in variants.values())  # some order does round otherwise
+    for what, ours in variants.items():
+        assert ours.dtype == torch.float32
+        report = verify.check(model, _mnist_loss, x, y, loss=ours, raise_on_failure=False)
+        assert report.rows[0].used < 1, (what, str(report))
+
+
+def test_loss_value_off_by_1e_3_is_caught_at_mnist_size(one_thread: None) -> None:
+    # The floor allows any summation order, yet not a genuinely wrong value.
+    model, x, y, loss = _mnist_sized_step()
+    with pytest.raises(verify.VerifyError, match=r"the loss value differs.*every gradient is "
+                                                 r"within tolerance") as caught:
+        verify.check(model, _mnist_loss, x, y, loss=loss * (1 + 1e-3))
+    report = caught.value.report
+    assert report.rows[0].used > 3  # by a margin: the floor stays far below 1e-3 of the loss
+    assert 0 < verify.VERIFY_K * report.loss_floor < 1e-3 * loss.item() / 3
 
 
 def test_gradscaler_with_bfloat16_autocast() -> None:

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._dispatch import use_native
 
@@ -75,8 +75,14 @@ VERIFY_K = 10.0
 # ~0 by luck (a sum rounded in another order, e.g. ½λ·W·W against ½λ·ΣW², may then look wrong).
 # Its tolerance, rtol·|loss_64| + K·max(|loss_native − loss_64|, floor), has a floor: the
 # rounding error the compute dtype allows in this loss, measured by running the float64 pass
-# again with every op's result rounded at random to the compute dtype's precision
-# (result·(1 + δ), |δ| ≤ u = eps/2, Monte Carlo arithmetic), LOSS_FLOOR_DRAWS times.
+# again with every aten op's result perturbed at random by the compute dtype's rounding
+# (Monte Carlo arithmetic, u = eps/2), LOSS_FLOOR_DRAWS times. An op that rounds once gets
+# result + u·δ·|result|, |δ| ≤ 1. A reduction (sum, mean, mm, addmm, log_softmax's sum of
+# exps, nll_loss's mean, ...) rounds at each of its n additions, in an order that is the
+# implementation's choice: another order is as right, and its error is a random walk of the
+# partial sums, ~u·√n·S with S the same reduction of the terms' absolute values (u·n·S is the
+# worst case, which no real order approaches and which would hide genuine errors). So it gets
+# result + u·δ·√n·S; K covers the rest. Ops not modelled (e.g. convolutions) round once.
 LOSS_FLOOR_DRAWS = 2
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
@@ -158,26 +164,107 @@ class _Bound(nn.Module):
         return self.loss_fn(self.model, *inputs)
 
 
-class _RoundingNoise(TorchFunctionMode):
-    """Every floating result times (1 + δ), δ uniform in [-u, u]: the rounding of a dtype
-    with unit roundoff u, simulated in float64. In-place ops are left alone (aliasing)."""
+class _RoundingNoise(TorchDispatchMode):
+    """Every floating aten result plus u·δ·spread, δ uniform in [-1, 1] per element: the
+    rounding of a dtype with unit roundoff u, simulated in float64. ``spread`` is |result| for
+    an op that rounds once, √n·S for a reduction of n terms per element (S: the same reduction
+    of the terms' absolute values); exact, view and in-place ops are left alone. ``spreads``
+    is shared by the draws: the n-th op's spread is computed in the first draw only (the
+    draws' values differ by rounding, which does not matter to a scale; it halves the cost)."""
 
-    def __init__(self, u: float, seed: int) -> None:
+    def __init__(self, u: float, seed: int, spreads: list[tuple[Any, Tensor]]) -> None:
         super().__init__()
         self.u = u
         self.seed = seed
+        self.spreads = spreads
+        self.calls = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = getattr(func, "__name__", "")
-        if (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") \
-                or name == "__setitem__" or not isinstance(out, Tensor) \
-                or out.dtype != torch.float64:
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._schema.is_mutable or func.is_view or func.overloadpacket in _EXACT:
             return out
+        first = out[0] if isinstance(out, tuple) and out else out  # nll_loss: (loss, weight)
+        if not isinstance(first, Tensor) or first.dtype != torch.float64:
+            return out
+        i, self.calls = self.calls, self.calls + 1
+        if i < len(self.spreads) and self.spreads[i][0] is func \
+                and self.spreads[i][1].shape == first.shape:
+            spread = self.spreads[i][1]
+        else:
+            spread = _spread(func, args, kwargs, first)
+            del self.spreads[i:]
+            self.spreads.append((func, spread))
         self.seed += 1
-        gen = torch.Generator(device=out.device).manual_seed(self.seed)
-        noise = torch.rand(out.shape, generator=gen, dtype=out.dtype, device=out.device)
-        return out * (1 + self.u * (2 * noise - 1))
+        gen = torch.Generator(device=first.device).manual_seed(self.seed)
+        noise = torch.rand(first.shape, generator=gen, dtype=first.dtype, device=first.device)
+        noisy = first + self.u * (2 * noise - 1) * spread
+        return (noisy, *out[1:]) if isinstance(out, tuple) else noisy
+
+
+_aten = torch.ops.aten
+# Results that are exact (copies, selections, sign changes, constants): no rounding.
+_EXACT = {_aten.clone, _aten._to_copy, _aten.copy, _aten.alias, _aten.lift_fresh_copy,
+          _aten._unsafe_view, _aten.cat, _aten.stack, _aten.index, _aten.index_select,
+          _aten.gather, _aten.neg, _aten.abs, _aten.relu, _aten.where, _aten.masked_fill,
+          _aten.constant_pad_nd, _aten.zeros, _aten.ones, _aten.full, _aten.zeros_like,
+          _aten.ones_like, _aten.full_like, _aten.empty, _aten.empty_like,
+          _aten.empty_strided, _aten.scalar_tensor}
+_SUMS = {_aten.sum, _aten.nansum, _aten.mean}
+_PRODUCTS = {_aten.mm, _aten.bmm, _aten.dot, _aten.vdot, _aten.mv}
+_ADD_PRODUCTS = {_aten.addmm, _aten.addmv, _aten.baddbmm, _aten.addbmm}
+_NLL = {_aten.nll_loss_forward, _aten.nll_loss2d_forward}
+# Loss kernels whose terms are >= 0, so that S = |result|.
+_NONNEG_LOSSES = {_aten.mse_loss, _aten.smooth_l1_loss, _aten.huber_loss,
+                  _aten.binary_cross_entropy, _aten.binary_cross_entropy_with_logits,
+                  _aten.soft_margin_loss}
+
+
+def _bound_args(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    schema = func._schema.arguments
+    bound = {a.name: a.default_value for a in schema if a.has_default_value()}
+    bound.update(zip((a.name for a in schema), args))
+    return {**bound, **kwargs}
+
+
+def _spread(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Tensor:
+    """The scale of the rounding error of ``out``: |out| for one rounding, √n·S for a
+    reduction of n terms per output element whose absolute values reduce to S."""
+    op = func.overloadpacket
+    per = max(out.numel(), 1)
+    if op in _SUMS:
+        n = args[0].numel() / per
+        return math.sqrt(max(n, 1)) * func(args[0].abs(), *args[1:], **kwargs).abs()
+    if op in _PRODUCTS:
+        return math.sqrt(args[0].shape[-1]) * func(args[0].abs(), args[1].abs())
+    if op in _ADD_PRODUCTS:
+        a = _bound_args(func, args, kwargs)
+        s = func(args[0].abs(), args[1].abs(), args[2].abs(), beta=abs(a["beta"]),
+                 alpha=abs(a["alpha"]))
+        return math.sqrt(args[1].shape[-1] + 1) * s
+    if op is _aten._log_softmax:  # x − lse: lse's sum of exps has relative error ~u·√C
+        x, dim = args[0], args[1]
+        return out.abs() + (x - out).abs() + math.sqrt(x.shape[dim] if x.dim() else 1)
+    if op is _aten._softmax:
+        x, dim = args[0], args[1]
+        return out.abs() * (1 + math.sqrt(x.shape[dim] if x.dim() else 1))
+    if op is _aten.logsumexp:
+        return out.abs() + math.sqrt(max(args[0].numel() / per, 1))
+    if op in _NLL:
+        a = _bound_args(func, args, kwargs)
+        if a["reduction"] == 0:  # "none": each element picks one term
+            return out.abs()
+        w = a["weight"]
+        s = func(-args[0].abs(), args[1], None if w is None else w.abs(), a["reduction"],
+                 a["ignore_index"])[0]
+        return math.sqrt(max(args[1].numel(), 1)) * s.abs()
+    if op in _NONNEG_LOSSES:
+        if _bound_args(func, args, kwargs)["reduction"] == 0:
+            return out.abs()
+        return math.sqrt(max(args[0].numel() / per, 1)) * out.abs()
+    if op is _aten.linalg_vector_norm:  # (Σ|x|^p)^(1/p): relative error ≤ that of the sum
+        return math.sqrt(max(args[0].numel() / per, 1)) * out.abs()
+    return out.abs()
 
 
 def _to64(obj: Any) -> Any:
@@ -407,8 +494,9 @@ class Verifier:
                 floor = 0.0
                 with torch.no_grad():
                     u = torch.finfo(dtype).eps / 2
+                    spreads: list[tuple[Any, Tensor]] = []
                     for seed in range(LOSS_FLOOR_DRAWS):
-                        with _RoundingNoise(u, seed * 1_000_003):
+                        with _RoundingNoise(u, seed * 1_000_003, spreads):
                             noisy = torch.func.functional_call(bound, {**p64, **b64}, x64)
                         floor = max(floor, abs(float(noisy) - float(exact_l)))
         except RuntimeError as e:
