@@ -909,3 +909,35 @@ def test_l2_penalty_stays_exactly_differentiable():
     ga, gb = torch.autograd.grad(fn(a, b), [a, b])
     torch.testing.assert_close(ga, 0.3 * a.detach())
     torch.testing.assert_close(gb, 0.3 * b.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# 8. what a drop-in user meets at native's edges: autocast, dtypes, error types, in-place ReLU
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("target", ["index", "prob"])
+def test_cross_entropy_under_autocast_casts_the_class_weight_as_native(target, autocast,
+                                                                      weight_dtype):
+    # cross_entropy is on autocast's float32 list: every low-precision floating argument is
+    # cast, the class weight too.
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 5, generator=gen).requires_grad_()
+    t = (torch.tensor([0, 1, 2, 3]) if target == "index"
+         else torch.softmax(torch.randn(4, 5, generator=gen), 1))
+    w = (torch.rand(5, generator=gen) + 0.5).to(weight_dtype)
+    with torch.autocast("cpu", dtype=autocast):
+        out, _ = assert_parity(
+            lambda z: F.cross_entropy(z, t, weight=w, label_smoothing=0.1),
+            lambda z: TF.cross_entropy(z, t, weight=w, label_smoothing=0.1), [z])
+    assert out.dtype == torch.float32
+
+
+def test_cross_entropy_float64_weight_under_autocast_is_refused_as_native():
+    z, t, w = torch.randn(4, 5), torch.tensor([0, 1, 2, 3]), torch.rand(5, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="Double"):
+            TF.cross_entropy(z, t, weight=w)
+        with pytest.raises(RuntimeError, match=r"weight: torch\.float64"):
+            F.cross_entropy(z, t, weight=w)

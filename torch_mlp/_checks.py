@@ -125,9 +125,9 @@ def check_label_smoothing(label_smoothing: float) -> None:
 
 def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
                         ignore_index: int, reduction: str,
-                        label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """Check ``cross_entropy``'s arguments; returns (input, target) as the loss takes them:
-    upcast to float32 under autocast, Byte targets as int64, a (1,) unbatched target as ().
+                        label_smoothing: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Check ``cross_entropy``'s arguments; returns (input, target, weight) as the loss takes
+    them: upcast to float32 under autocast, Byte targets as int64, a (1,) unbatched target as ().
 
     Each tensor attribute is read once: this runs every step (docs/performance.md).
     """
@@ -140,11 +140,9 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
     if not dtype.is_floating_point:
         raise TypeError(f"cross_entropy: expected floating-point input (logits), got {dtype}")
     if autocast_dtype(input) is not None:
-        # cross_entropy is on autocast's float32 list: low-precision logits are upcast.
-        if dtype in (torch.float16, torch.bfloat16):
-            input = input.float()
-        if target.dtype in (torch.float16, torch.bfloat16):
-            target = target.float()
+        # cross_entropy is on autocast's float32 list: every low-precision floating argument
+        # (logits, probability target, class weight) is upcast; float64 stays, as native.
+        input, target, weight = (autocast_to(t, torch.float32) for t in (input, target, weight))
     C = input.shape[0] if nd == 1 else input.shape[1]
     if target.dtype.is_floating_point:
         _check_prob_target(input, target, weight, ignore_index)
@@ -161,7 +159,7 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
                 "cross_entropy: the gradient with respect to weight is not supported; pass "
                 "weight.detach()"
             )
-    return input, target
+    return input, target, weight
 
 
 def _check_prob_target(input: Tensor, target: Tensor, weight: Tensor | None,

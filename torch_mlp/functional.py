@@ -152,8 +152,8 @@ def cross_entropy(
                                 reduction, label_smoothing)
     if size_average is not None or reduce is not None:  # as torch: warns, then maps
         reduction = _checks.legacy_get_string(size_average, reduce)
-    input, target = _checks.check_cross_entropy(input, target, weight, ignore_index, reduction,
-                                                label_smoothing)
+    input, target, weight = _checks.check_cross_entropy(input, target, weight, ignore_index,
+                                                        reduction, label_smoothing)
     shape, nd = input.shape, input.dim()
     C = shape[0] if nd == 1 else shape[1]
     probs = target.is_floating_point()
