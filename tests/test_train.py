@@ -406,6 +406,25 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(run, finished_run: 
                 "--out", str(tmp_path / "odd")])
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("lr", -5.0, r"field args\.lr: must be in \(0, 1000000\.0\], got -5\.0"),
+    ("epoch", "x", "field epoch: must be an integer >= 0, got 'x'"),
+])
+def test_hand_edited_checkpoint_is_a_clear_error(field: str, value: Any, message: str,
+                                                 finished_run: Path, data_dir: Path,
+                                                 tmp_path: Path) -> None:
+    ck = _load(finished_run)
+    if field in ck:
+        ck[field] = value
+    else:
+        ck["args"][field] = value
+    torch.save(ck, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match=f"checkpoint .*edited.pt: {message}"):
+        T.main(["--resume", str(tmp_path / "edited.pt"), "--data-dir", str(data_dir), "--quiet",
+                "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_dir_of_another_run_is_not_overwritten(data_dir: Path, finished_run: Path) -> None:
     with pytest.raises(TrainingError, match=r"already holds a checkpoint\.pt of another run"):
         T.main(["--data-dir", str(data_dir), "--out", str(finished_run.parent), *FAST])

@@ -107,3 +107,26 @@ def test_verify_png(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="write_verify: history has no verify_ours_err_"):
         write_verify(tmp_path / "none.png", [{"epoch": 1, "train_loss": math.nan}])
     assert not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("epoch", "x", "field epoch: must be an integer >= 0, got 'x'"),
+    ("epoch", -1, "field epoch: must be an integer >= 0, got -1"),
+    ("epoch", True, "field epoch: must be an integer >= 0, got True"),
+    ("step", 1.5, "field step: must be an integer >= 0, got 1.5"),
+    ("sizes", [3, 0], r"field sizes: must be a list of 2 or more positive integers, got \[3, 0\]"),
+    ("sizes", "3-2", "field sizes: must be a list of 2 or more positive integers, got '3-2'"),
+    ("model", [], "field model: must be a dict, got list"),
+    ("optimizer", None, "field optimizer: must be a dict, got NoneType"),
+    ("args", None, "field args: must be a dict, got NoneType"),
+    ("history", {}, "field history: must be a list of dicts, got dict"),
+    ("rng", {"torch": torch.get_rng_state()},
+     "field rng.shuffle: must be a uint8 tensor .*, got NoneType"),
+], ids=lambda v: repr(v)[:20])
+def test_load_refuses_fields_of_the_wrong_type(field: str, value: object, message: str,
+                                               tmp_path: Path) -> None:
+    ck = _checkpoint()
+    ck[field] = value
+    torch.save(ck, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=f"^checkpoint {tmp_path / 'c.pt'}: {message}"):
+        CK.load_checkpoint(tmp_path / "c.pt")

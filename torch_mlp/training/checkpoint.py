@@ -88,7 +88,39 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     missing = REQUIRED_KEYS - ck.keys()
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(sorted(missing))}")
+    problem = _field_problem(ck)
+    if problem:
+        raise CheckpointError(
+            f"checkpoint {path}: {problem}. It was edited or damaged: resume from another copy "
+            f"or start a new run.")
     return ck
+
+
+def _is_int(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _field_problem(ck: dict[str, Any]) -> str | None:
+    """What is wrong with the type or range of one of ``ck``'s fields, or None."""
+    for key in ("epoch", "step"):
+        if not _is_int(ck[key], 0):
+            return f"field {key}: must be an integer >= 0, got {ck[key]!r}"
+    sizes = ck["sizes"]
+    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(_is_int(s, 1) for s in sizes)):
+        return f"field sizes: must be a list of 2 or more positive integers, got {sizes!r}"
+    for key in ("model", "optimizer", "args", "rng"):
+        if not isinstance(ck[key], dict):
+            return f"field {key}: must be a dict, got {type(ck[key]).__name__}"
+    history = ck.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
+        return f"field history: must be a list of dicts, got {type(history).__name__}"
+    for key, optional in (("torch", False), ("shuffle", False), ("cuda", True)):
+        state = ck["rng"].get(key)
+        if not (optional and state is None) and not (
+                isinstance(state, torch.Tensor) and state.dtype == torch.uint8):
+            got = state.dtype if isinstance(state, torch.Tensor) else type(state).__name__
+            return f"field rng.{key}: must be a uint8 tensor (an RNG state), got {got}"
+    return None
 
 
 def check_sizes(ck: dict[str, Any], path: str | os.PathLike[str], sizes: list[int]) -> None:

@@ -284,13 +284,45 @@ def out_problem(out: Path) -> str | None:
     return None
 
 
+def _saved_value(key: str, value: Any) -> Any:
+    """``value`` of flag ``key`` read from a checkpoint, checked as the command line checks
+    it; argparse.ArgumentTypeError if the flag would refuse it."""
+    kwargs = next(kw for flag, kw, _ in _MODEL_FLAGS + _RUN_FLAGS if flag[2:] == key.replace(
+        "_", "-"))
+    if "action" in kwargs:  # a switch
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"must be true or false, got {value!r}")
+        return value
+    if value is None and {**DEFAULTS, **RUN_DEFAULTS}[key] is None and key != "lr":
+        return None  # --limit not given
+    if "choices" in kwargs:
+        if value not in kwargs["choices"]:
+            raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from "
+                                             f"{', '.join(map(repr, kwargs['choices']))})")
+        return value
+    if kwargs.get("nargs") == "+":
+        if not (isinstance(value, list) and value):
+            raise argparse.ArgumentTypeError(
+                f"must be a non-empty list of integers, got {value!r}")
+        return [kwargs["type"](str(v)) for v in value]
+    return kwargs["type"](str(value))
+
+
 def merge_resume_args(args: argparse.Namespace, ck: dict[str, Any], path: str) -> None:
-    """Take the checkpoint's trajectory flags; refuse ones given with another value."""
-    saved = ck["args"]
+    """Take the checkpoint's trajectory flags, checked as flags are; refuse ones given on the
+    command line with another value."""
+    saved = dict(ck["args"])
+    for key in TRAJECTORY_KEYS:
+        try:
+            saved[key] = _saved_value(key, saved.get(key))
+        except argparse.ArgumentTypeError as e:
+            raise CheckpointError(
+                f"checkpoint {path}: field args.{key}: {e}. It was edited or damaged: resume "
+                f"from another copy or start a new run.") from None
     explicit = set(getattr(args, "explicit", TRAJECTORY_KEYS))
     clashes = []
     for key in TRAJECTORY_KEYS:
-        want = saved.get(key)
+        want = saved[key]
         if key in explicit and getattr(args, key) != want:
             clashes.append(f"--{key.replace('_', '-')} {getattr(args, key)} (checkpoint: {want})")
         setattr(args, key, want)
