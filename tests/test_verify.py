@@ -333,3 +333,58 @@ def test_ddp_two_processes_reach_the_same_verdict() -> None:
     mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=2, join=True)
     got = dict(results.get(timeout=30) for _ in range(2))
     assert got == {0: [True, False], 1: [True, False]}
+
+
+# ---- a loss that draws random numbers -------------------------------------------------------
+class _Noise(nn.Module):
+    """Noise injection: x + σ·N(0, 1) in training mode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 0.1 * torch.randn_like(x) if self.training else x
+
+
+class _FunctionalDropout(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.dropout(x, 0.5, training=True)
+
+
+def _random_model(kind: str) -> nn.Module:
+    middle = {"stochastic depth": torchvision.ops.StochasticDepth(0.5, "row"),
+              "F.dropout": _FunctionalDropout(), "noise": _Noise()}[kind]
+    return nn.Sequential(torch_mlp.Linear(5, 16), torch_mlp.ReLU(), middle,
+                         torch_mlp.Linear(16, 3))
+
+
+def _ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("kind", ["stochastic depth", "F.dropout", "noise"])
+def test_a_loss_that_draws_random_numbers_is_refused(kind: str) -> None:
+    # Ours drew its mask at the step, from a state no longer there: nothing to compare with.
+    # Negated gradients must never pass: the check refuses, whatever the seed.
+    for seed in range(10):
+        torch.manual_seed(seed)
+        x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        model = _random_model(kind)
+        loss = _ce(model, x, y)
+        loss.backward()
+        for p in model.parameters():
+            p.grad.mul_(-1)
+        rng = torch.get_rng_state()
+        with pytest.raises(ValueError, match=r"loss_fn is not deterministic.*eval\(\)"):
+            verify.check(model, _ce, x, y, loss=loss, raise_on_failure=False)
+        assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_the_same_model_in_eval_mode_is_checked() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    for kind in ("stochastic depth", "noise"):
+        model = _random_model(kind).eval()
+        loss = _ce(model, x, y)
+        loss.backward()
+        assert verify.check(model, _ce, x, y, loss=loss).ok
+        for p in model.parameters():
+            p.grad.mul_(-1)
+        assert not verify.check(model, _ce, x, y, loss=loss, raise_on_failure=False).ok

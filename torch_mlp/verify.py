@@ -280,15 +280,29 @@ def _to64(obj: Any) -> Any:
     return obj
 
 
+class _Rng:
+    """The CPU and CUDA RNG states at creation; ``restore()`` sets them back."""
+
+    def __init__(self, cuda: list[int]) -> None:
+        self.cuda = cuda
+        self.cpu = torch.get_rng_state()
+        self.states = [torch.cuda.get_rng_state(d) for d in cuda]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, s in zip(self.cuda, self.states):
+            torch.cuda.set_rng_state(s, d)
+
+
 @contextlib.contextmanager
-def _untouched(module: nn.Module, params: list[Tensor]) -> Iterator[None]:
+def _untouched(module: nn.Module, params: list[Tensor]) -> Iterator[_Rng]:
     """Leave the buffers (BatchNorm's running stats) and the RNG streams as they were, so a
-    checked run trains exactly as an unchecked one."""
+    checked run trains exactly as an unchecked one; yields the RNG state at entry."""
     saved = [(b, b.detach().clone()) for b in module.buffers()]
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda):
-            yield
+            yield _Rng(cuda)
     finally:
         with torch.no_grad():
             for b, s in saved:
@@ -427,7 +441,7 @@ class Verifier:
         if rtol is None:
             raise ValueError(f"verify: no tolerance for {dtype}; pass rtol=")
 
-        with _untouched(inner, params):
+        with _untouched(inner, params) as rng:
             if loss is None:
                 with torch.no_grad(), self._autocast(device_type):
                     loss = _scalar(loss_fn(inner, *inputs), "ours")
@@ -436,7 +450,10 @@ class Verifier:
                 self.seconds += time.perf_counter() - t0
                 self.last = Report(skipped=True, dtype=dtype, rtol=rtol, k=self.k)
                 return self.last
+            rng.restore()  # native and float64 draw alike, should the loss draw at all
             native_l, native = self._native(loss_fn, inputs, inner, params, device_type)
+            self._refuse_random(loss_fn, inputs, inner, native_l, device_type, group)
+            rng.restore()
             exact_l, exact, floor = self._exact(loss_fn, inputs, inner, named, device_type, dtype)
         if group is not None:  # DDP averaged ours over the processes; do the same here
             native, exact = _all_mean(native, group), _all_mean(exact, group)
@@ -478,6 +495,31 @@ class Verifier:
         grads = torch.autograd.grad(native_l * scale, params, allow_unused=True)
         return native_l.detach(), [torch.zeros_like(p) if g is None else g / scale
                                    for p, g in zip(params, grads)]
+
+    def _refuse_random(self, loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...],
+                       inner: nn.Module, native_l: Tensor, device_type: str, group: Any
+                       ) -> None:
+        """Run the native forward again, from the RNG state the native pass left (another
+        one, if the loss drew from it): a loss that depends on the RNG (dropout, stochastic
+        depth, noise) drew ours from a state long gone, so no comparison can be sound."""
+        with torch.enable_grad(), use_native(), self._autocast(device_type):
+            again = _scalar(loss_fn(inner, *inputs), "native pass").detach()
+        a, b = float(native_l), float(again)
+        differs = torch.tensor([0.0 if a == b or (math.isnan(a) and math.isnan(b)) else 1.0],
+                               device=native_l.device)
+        if group is not None:  # every process refuses, or none
+            dist.all_reduce(differs, dist.ReduceOp.MAX, group=group)
+        if differs.item() > 0:
+            random = [n or "the model" for n, m in inner.named_modules()
+                      if m.training and type(m).__name__.endswith(_RANDOM_MODULES)]
+            raise ValueError(
+                f"verify: loss_fn is not deterministic: two native forwards in a row gave "
+                f"{a!r} then {b!r}. It draws random numbers (dropout, stochastic depth, noise; "
+                f"{', '.join(random) if random else 'in loss_fn or a module'}) or runs "
+                f"non-deterministic kernels, so the gradients of the step, drawn from an RNG "
+                f"state no longer there, cannot be checked. Run the checked step (loss, "
+                f"backward and check) with the randomness off, e.g. with the model in eval() "
+                f"mode")
 
     def _exact(self, loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...], inner: nn.Module,
                named: list[tuple[str, Tensor]], device_type: str, dtype: torch.dtype
@@ -527,6 +569,11 @@ def check(model: nn.Module, loss_fn: Callable[..., Tensor], *inputs: Any,
     """
     return Verifier(model, scaler=scaler, optimizer=optimizer, autocast=autocast, rtol=rtol,
                     k=k, raise_on_failure=raise_on_failure).check(loss_fn, *inputs, loss=loss)
+
+
+# Class names of modules that draw random numbers in training mode, named in the refusal.
+_RANDOM_MODULES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "StochasticDepth",
+                   "DropPath", "DropBlock2d", "DropBlock3d", "GaussianNoise")
 
 
 def _refuse_dropout(model: nn.Module) -> None:
