@@ -501,3 +501,126 @@ def test_failures_is_a_dataclass_field():
 
     assert "failures" in {f.name for f in dataclasses.fields(CheckResult)}
     assert CheckResult().failures == [] and CheckResult().failures is not CheckResult().failures
+
+
+# --------------------------------------------------------------------------------------------
+# outputs that do not line up, and argument misuse
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("custom, reference, ours, theirs", [
+    (lambda u: (F.relu(u),), lambda u: (TF.relu(u), u * 100), "1 output", "2"),
+    (lambda u: (F.relu(u), u * 2), lambda u: (TF.relu(u),), "2 outputs", "1"),
+], ids=["reference-has-more", "custom-has-more"])
+def test_a_different_number_of_outputs_fails_parity_once(custom, reference, ours, theirs):
+    message = rf"parity with the reference failed: custom returns {ours}, the reference {theirs}"
+    with pytest.raises(GradientCheckError, match=message):
+        check_function(custom, reference, _u())
+    result = check_function(custom, reference, _u(), raise_on_failure=False)
+    assert len(result.failures) == 1 and re.search(message, result.failures[0])
+
+
+def test_a_tensor_against_a_one_tuple_fails_parity():
+    with pytest.raises(GradientCheckError, match=r"custom returns a tuple of 1 Tensor, the "
+                       r"reference a Tensor"):
+        check_function(lambda u: (F.relu(u),), TF.relu, _u())
+    with pytest.raises(GradientCheckError, match=r"custom returns a Tensor, the reference a "
+                       r"tuple of 1 Tensor"):
+        check_function(F.relu, lambda u: (TF.relu(u),), _u())
+
+
+@pytest.mark.parametrize("returned, said", [
+    (lambda u: 1.0, r"custom returned a float \(1\.0\)"),
+    (lambda u: None, r"custom returned None"),
+    (lambda u: [u * 2], r"custom returned a list, not a tuple"),
+    (lambda u: {"a": u * 2}, r"custom returned a dict"),
+    (lambda u: (u * 2, 3), r"custom returned a tuple whose element 1 is an int \(3\)"),
+    (lambda u: (), r"custom returned an empty tuple"),
+], ids=["float", "None", "list", "dict", "tuple-with-int", "empty-tuple"])
+def test_custom_returning_no_tensor_is_a_type_error(returned, said):
+    with pytest.raises(TypeError, match=rf"^check_function: {said}.*expected a Tensor or a "
+                       r"tuple of Tensors"):
+        check_function(returned, TF.relu, _u(), raise_on_failure=False)
+
+
+def test_reference_returning_no_tensor_is_a_type_error():
+    with pytest.raises(TypeError, match=r"^check_function: reference returned a float \(1\.5\); "
+                       r"expected a Tensor or a tuple of Tensors"):
+        check_function(F.relu, lambda u: 1.5, _u())
+
+
+def test_custom_with_only_integer_outputs_is_refused():
+    with pytest.raises(ValueError, match=r"custom returns no floating-point or complex output "
+                       r"\(dtypes: torch.int64\)"):
+        check_function(lambda u: u.argmax(), None, _u(), raise_on_failure=False)
+
+
+def test_a_detached_output_fails_gradcheck_without_crashing():
+    result = check_function(lambda u: u.detach() * 2, lambda u: u * 2, _u(),
+                            raise_on_failure=False)
+    assert any(re.search(r"gradcheck failed: no output of custom requires grad", f)
+               for f in result.failures), result.failures
+
+
+@pytest.mark.parametrize("tolerances, error, said", [
+    ({torch.float32: 1e-3}, TypeError,
+     r"tolerances\[torch.float32\] must be an \(rtol, atol\) pair.*got 0.001"),
+    ({torch.float32: (1e-3,)}, TypeError, r"tolerances\[torch.float32\] must be an \(rtol, atol"),
+    ({torch.float32: ("a", 1e-3)}, TypeError, r"tolerances\[torch.float32\] must be an \(rtol"),
+    ({torch.float32: (-1e-3, 1e-3)}, ValueError,
+     r"tolerances\[torch.float32\] must be non-negative.*got \(-0.001, 0.001\)"),
+    ({"float32": (1e-3, 1e-3)}, TypeError, r"tolerances' keys must be torch.dtype, got 'float32'"),
+    ([1e-3, 1e-3], TypeError, r"tolerances must be a dict \{dtype: \(rtol, atol\)\}, got list"),
+], ids=["bare-float", "1-tuple", "str", "negative", "str-key", "list"])
+def test_tolerances_in_the_wrong_form_are_refused(tolerances, error, said):
+    with pytest.raises(error, match=rf"^check_function: {said}"):
+        check_function(F.relu, TF.relu, _u(), tolerances=tolerances)
+
+
+@pytest.mark.parametrize("kwargs, error, said", [
+    ({"parity_dtypes": torch.float32}, TypeError,
+     r"parity_dtypes must be a sequence of torch.dtype, got torch.float32; pass "
+     r"\(torch.float32,\)"),
+    ({"parity_dtypes": ("float32",)}, TypeError, r"parity_dtypes must be a sequence of torch"),
+    ({"parity_dtypes": (torch.int64,), "tolerances": {torch.int64: (0, 0)}}, ValueError,
+     r"parity_dtypes must be real floating-point dtypes, got torch.int64"),
+    ({"fd_atol": "a"}, TypeError, r"fd_atol must be a number, got str"),
+    ({"fd_atol": -1.0}, ValueError, r"fd_atol must be finite and non-negative, got -1.0"),
+    ({"seed": "a"}, TypeError, r"seed must be an int, got str"),
+    ({"seed": 2**64}, ValueError,
+     r"seed must be in \[-2\*\*63, 2\*\*64 - 1\], got 18446744073709551616"),
+    ({"fast_mode": "yes"}, TypeError, r"fast_mode must be a bool, got str"),
+    ({"gradgrad": None}, TypeError, r"gradgrad must be a bool, got NoneType"),
+    ({"raise_on_failure": 0}, TypeError, r"raise_on_failure must be a bool, got int"),
+    ({"name": 3}, TypeError, r"name must be a str, got int"),
+], ids=["single-dtype", "str-dtype", "int-dtype", "fd_atol-str", "fd_atol-negative",
+        "seed-str", "seed-too-big", "fast_mode-str", "gradgrad-None", "raise_on_failure-int",
+        "name-int"])
+def test_argument_misuse_is_refused_naming_the_argument(kwargs, error, said):
+    with pytest.raises(error, match=rf"^check_function: {said}"):
+        check_function(F.relu, TF.relu, _u(), **kwargs)
+
+
+def test_non_callables_are_refused():
+    with pytest.raises(TypeError, match=r"^check_function: custom must be callable, got int"):
+        check_function(3, TF.relu, _u())
+    with pytest.raises(TypeError, match=r"^check_function: reference must be callable or None, "
+                       r"got str"):
+        check_function(F.relu, "relu", _u())
+
+
+def test_tensors_inside_a_list_get_a_hint():
+    with pytest.raises(ValueError, match=r"no input requires grad.*input\[0\] is a list holding "
+                       r"tensors that require grad; pass them as separate arguments"):
+        check_function(lambda ws: F.l2_penalty(ws, 0.1), None, [_x(2, 3), _x(3)])
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", "1.5"])
+def test_seed_out_of_range_is_a_usage_error(seed, capsys):
+    with pytest.raises(SystemExit) as exc:
+        testing.main(["--list", "--seed", seed])
+    assert exc.value.code == 2
+    assert re.search(r"argument --seed: .*(0 to 2\*\*64 - 1|integer)", capsys.readouterr().err)
+
+
+def test_the_largest_seed_is_accepted(capsys):
+    assert testing.main(["--list", "--seed", str(2**64 - 1)]) == 0
+    assert capsys.readouterr().out.split() == [c[0] for c in testing.function_cases()]

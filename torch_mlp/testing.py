@@ -21,8 +21,10 @@ import argparse
 import functools
 import itertools
 import math
+import numbers
+import reprlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,11 +330,18 @@ def _parity(
     custom: Callable[..., Any], reference: Callable[..., Any], inputs: Sequence[Any],
     result: CheckResult, fail: Callable[[str], None], *, dtype: torch.dtype,
     tol: tuple[float, float], seed: int,
-) -> None:
-    """Check 3 in one dtype: outputs, and every input gradient for a random upstream gradient."""
+) -> bool:
+    """Check 3 in one dtype: outputs, and every input gradient for a random upstream gradient.
+    False when the outputs do not line up (their number or structure), which no dtype changes."""
     rtol, atol = tol
     a_in, b_in = _cast(inputs, dtype), _cast(inputs, dtype)
-    a_out, b_out = _as_tuple(custom(*a_in)), _as_tuple(reference(*b_in))
+    a_raw, b_raw = custom(*a_in), reference(*b_in)
+    a_out, b_out = _returned(a_raw, "custom"), _returned(b_raw, "reference")
+    mismatch = _output_mismatch(a_raw, b_raw)
+    if mismatch is not None:
+        result.parity_max_err[str(dtype)] = math.inf
+        fail(f"parity with the reference failed: {mismatch}")
+        return False
     gen = torch.Generator().manual_seed(seed)
     pairs: list[tuple[str, Tensor, Tensor]] = [
         (f"output[{k}]", a, b) for k, (a, b) in enumerate(zip(a_out, b_out))
@@ -353,7 +362,7 @@ def _parity(
             result.parity_max_err[str(dtype)] = math.inf
             fail(f"parity with the reference failed in {dtype} on {what}: shape "
                  f"{tuple(a.shape)} (ours) vs {tuple(b.shape)} (reference)")
-            return
+            return True
         err = _parity_error(a, b)
         worst = max(worst, err.max().item() if err.numel() else 0.0)
         close = torch.isclose(a, b.to(a.dtype), rtol=rtol, atol=atol, equal_nan=True)
@@ -369,8 +378,9 @@ def _parity(
                  f"{int((~close).sum())} / {close.numel()} entries differ"
                  + (f"; dtype {a.dtype} (ours) vs {b.dtype} (reference)"
                     if a.dtype != b.dtype else ""))
-            return
+            return True
     result.parity_max_err[str(dtype)] = worst
+    return True
 
 
 def check_function(
@@ -413,18 +423,43 @@ def check_function(
 
     Returns:
         A :class:`CheckResult`; its ``failures`` list is empty when every check passed.
+
+    Raises:
+        TypeError / ValueError: a misused argument, or ``custom`` / ``reference`` returning
+            something other than a Tensor or a tuple of Tensors.
     """
-    tol = {**PARITY_TOL, **(tolerances or {})}
+    _check_options(custom, reference, name=name, gradgrad=gradgrad, fast_mode=fast_mode,
+                   fd_atol=fd_atol, seed=seed, raise_on_failure=raise_on_failure)
+    tol = {**PARITY_TOL, **_checked_tolerances(tolerances)}
+    _check_parity_dtypes(parity_dtypes if reference is not None else (), tol)
     result, fail = _recorder(custom, name, raise_on_failure)
     x64 = _cast(inputs, torch.float64)
-    _check_arguments(x64, parity_dtypes if reference is not None else (), tol)
-    _finite_difference_checks(custom, x64, result, fail, gradgrad=gradgrad,
-                              fast_mode=fast_mode, fd_atol=fd_atol, seed=seed)
-    if reference is not None:
-        for dtype in parity_dtypes:
-            _parity(custom, reference, inputs, result, fail, dtype=dtype, tol=tol[dtype],
-                    seed=seed)
+    _check_inputs(inputs, x64)
+    if _differentiable(custom, x64, fail):
+        _finite_difference_checks(custom, x64, result, fail, gradgrad=gradgrad,
+                                  fast_mode=fast_mode, fd_atol=fd_atol, seed=seed)
+    for dtype in parity_dtypes if reference is not None else ():
+        if not _parity(custom, reference, inputs, result, fail, dtype=dtype, tol=tol[dtype],
+                       seed=seed):
+            break  # outputs that do not line up do not in any dtype: one message is enough
     return result
+
+
+def _differentiable(
+    custom: Callable[..., Any], x64: Sequence[Any], fail: Callable[[str], None]
+) -> bool:
+    """Whether ``custom``'s outputs are Tensors of which one requires grad: TypeError /
+    ValueError when they cannot be checked at all, a gradcheck failure when they are detached."""
+    outs = _returned(custom(*x64), "custom")
+    if not any(o.is_floating_point() or o.is_complex() for o in outs):
+        raise ValueError("check_function: custom returns no floating-point or complex output "
+                         f"(dtypes: {', '.join(str(o.dtype) for o in outs)}); nothing to check")
+    if not any(o.requires_grad for o in outs):
+        fail("gradcheck failed: no output of custom requires grad, although its inputs do; "
+             "its result is detached from them (.detach(), torch.no_grad, or a value computed "
+             "outside the autograd.Function)")
+        return False
+    return True
 
 
 def _recorder(
@@ -444,17 +479,147 @@ def _recorder(
     return result, fail
 
 
-def _check_arguments(
-    x64: Sequence[Any], parity_dtypes: Sequence[torch.dtype],
-    tol: dict[torch.dtype, tuple[float, float]],
+def _describe_value(v: Any) -> str:
+    """``None``, or ``a float (1.0)``: the type and a short repr, for error messages."""
+    if v is None:
+        return "None"
+    kind = type(v).__name__
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    if isinstance(v, (numbers.Number, str)):
+        return f"{article} {kind} ({reprlib.repr(v)})"
+    return f"{article} {kind}"
+
+
+def _returned(out: Any, role: str) -> tuple[Tensor, ...]:
+    """``out`` as a tuple of Tensors; TypeError naming ``role`` (custom / reference) when it
+    is anything else, since every check differentiates or compares tensors."""
+    expected = "expected a Tensor or a tuple of Tensors"
+    if isinstance(out, Tensor):
+        return (out,)
+    if not isinstance(out, tuple):
+        hint = ", not a tuple" if isinstance(out, list) else ""
+        raise TypeError(f"check_function: {role} returned {_describe_value(out)}{hint}; "
+                        f"{expected}")
+    if not out:
+        raise TypeError(f"check_function: {role} returned an empty tuple; {expected}")
+    for k, o in enumerate(out):
+        if not isinstance(o, Tensor):
+            raise TypeError(f"check_function: {role} returned a tuple whose element {k} is "
+                            f"{_describe_value(o)}; {expected}")
+    return out
+
+
+def _structure(out: Any) -> str:
+    n = len(out) if isinstance(out, tuple) else 1
+    return f"a tuple of {n} Tensor{'s' * (n != 1)}" if isinstance(out, tuple) else "a Tensor"
+
+
+def _output_mismatch(a: Any, b: Any) -> str | None:
+    """How custom's return value ``a`` and the reference's ``b`` fail to line up, or None."""
+    na = len(a) if isinstance(a, tuple) else 1
+    nb = len(b) if isinstance(b, tuple) else 1
+    if na != nb:
+        return f"custom returns {na} output{'s' * (na != 1)}, the reference {nb}"
+    if isinstance(a, tuple) != isinstance(b, tuple):
+        return f"custom returns {_structure(a)}, the reference {_structure(b)}"
+    return None
+
+
+def _check_options(
+    custom: Any, reference: Any, *, name: Any, gradgrad: Any, fast_mode: Any, fd_atol: Any,
+    seed: Any, raise_on_failure: Any,
 ) -> None:
-    """ValueError when there is nothing to differentiate or a parity dtype has no tolerance."""
-    if not _diff_inputs(x64):
-        raise ValueError("check_function: no input requires grad; nothing to check")
+    """TypeError / ValueError naming the first of check_function's scalar arguments that is
+    misused, before any of them reaches torch's own, less telling, checks."""
+    if not callable(custom):
+        raise TypeError(f"check_function: custom must be callable, got {type(custom).__name__}")
+    if reference is not None and not callable(reference):
+        raise TypeError("check_function: reference must be callable or None, got "
+                        f"{type(reference).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"check_function: name must be a str, got {type(name).__name__}")
+    for arg, value in (("gradgrad", gradgrad), ("fast_mode", fast_mode),
+                       ("raise_on_failure", raise_on_failure)):
+        if not isinstance(value, bool):
+            raise TypeError(f"check_function: {arg} must be a bool, got {type(value).__name__}")
+    if not _is_real(fd_atol):
+        raise TypeError(f"check_function: fd_atol must be a number, got {type(fd_atol).__name__}")
+    if not (math.isfinite(fd_atol) and fd_atol >= 0):
+        raise ValueError(f"check_function: fd_atol must be finite and non-negative, got {fd_atol}")
+    _check_seed(seed, "check_function")
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def _check_seed(seed: Any, where: str) -> None:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"{where}: seed must be an int, got {type(seed).__name__}")
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"{where}: seed must be in [-2**63, 2**64 - 1], got {seed}")
+
+
+def _checked_tolerances(tolerances: Any) -> dict[torch.dtype, tuple[float, float]]:
+    """``tolerances`` as a dict of (rtol, atol); TypeError / ValueError naming the entry that is
+    not a pair of finite non-negative numbers."""
+    if tolerances is None:
+        return {}
+    if not isinstance(tolerances, Mapping):
+        raise TypeError("check_function: tolerances must be a dict {dtype: (rtol, atol)}, got "
+                        f"{type(tolerances).__name__}")
+    out = {}
+    for dtype, pair in tolerances.items():
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"check_function: tolerances' keys must be torch.dtype, got "
+                            f"{dtype!r}")
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(map(_is_real, pair))):
+            raise TypeError(f"check_function: tolerances[{dtype}] must be an (rtol, atol) pair "
+                            f"of numbers, e.g. {{{dtype}: (1e-3, 1e-5)}}; got {pair!r}")
+        if not all(math.isfinite(v) and v >= 0 for v in pair):
+            raise ValueError(f"check_function: tolerances[{dtype}] must be non-negative and "
+                             f"finite, got {tuple(pair)!r}")
+        out[dtype] = (float(pair[0]), float(pair[1]))
+    return out
+
+
+def _check_parity_dtypes(
+    parity_dtypes: Any, tol: dict[torch.dtype, tuple[float, float]]
+) -> None:
+    """TypeError / ValueError unless every parity dtype is a real floating dtype with a
+    tolerance (complex inputs take the complex twin of each by themselves)."""
+    if isinstance(parity_dtypes, torch.dtype):
+        raise TypeError("check_function: parity_dtypes must be a sequence of torch.dtype, got "
+                        f"{parity_dtypes}; pass ({parity_dtypes},)")
+    if not (isinstance(parity_dtypes, Sequence)
+            and all(isinstance(d, torch.dtype) for d in parity_dtypes)):
+        raise TypeError("check_function: parity_dtypes must be a sequence of torch.dtype, got "
+                        f"{reprlib.repr(parity_dtypes)}")
     for dtype in parity_dtypes:
+        if not dtype.is_floating_point:
+            raise ValueError("check_function: parity_dtypes must be real floating-point "
+                             f"dtypes, got {dtype}")
         if dtype not in tol:
             raise ValueError(f"check_function: no parity tolerance for {dtype}; pass "
                              f"tolerances={{{dtype}: (rtol, atol)}}")
+
+
+def _check_inputs(inputs: Sequence[Any], x64: Sequence[Any]) -> None:
+    """ValueError when no input requires grad, pointing at tensors hidden inside containers
+    (only top-level tensor arguments are differentiated)."""
+    if _diff_inputs(x64):
+        return
+    hint = ""
+    for k, v in enumerate(inputs):
+        items = v.values() if isinstance(v, Mapping) else v if isinstance(v, (list, tuple)) else ()
+        if any(isinstance(t, Tensor) and t.requires_grad for t in items):
+            hint = (f"; input[{k}] is a {type(v).__name__} holding tensors that require grad; "
+                    "pass them as separate arguments")
+            break
+    raise ValueError(f"check_function: no input requires grad; nothing to check{hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,13 +638,15 @@ def function_cases(
     starts from the same values; ReLU inputs are kept away from the kink at 0, where the finite
     difference straddles two slopes.
     """
+    _check_seed(seed, "function_cases")
     draw = _Draw(torch.Generator().manual_seed(seed), device, dtype)
     yield from _linear_cases(draw)
     yield from _relu_cases(draw)
     yield from _cross_entropy_cases(draw)
     yield from _l2_cases(draw)
     # Its own generator, so that the cases above keep their values whatever it draws.
-    yield from _linear_relu_cases(_Draw(torch.Generator().manual_seed(seed + 1), device, dtype))
+    gen = torch.Generator().manual_seed((seed + 1) % 2**64)  # 2**64 - 1 wraps to 0
+    yield from _linear_relu_cases(_Draw(gen, device, dtype))
 
 
 _CLASSES = 4  # the cross-entropy cases' number of classes
@@ -628,6 +795,17 @@ def _away_from_kink(draw: _Draw, shape: Sequence[int], bias: bool) -> list[Tenso
             return [x, w, b] if bias else [x, w]
 
 
+def _cli_seed(text: str) -> int:
+    """--seed: an integer torch.manual_seed takes; argparse turns the error into exit 2."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {text!r}")
+    return seed
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m torch_mlp.testing",
@@ -640,7 +818,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--exhaustive", action="store_true",
                         help="compare every Jacobian entry instead of random projections "
                         "(fast_mode=False; about 6x slower) (default: off)")
-    parser.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
+    parser.add_argument("--seed", type=_cli_seed, default=0,
+                        help="input seed, 0 to 2**64 - 1 (default: 0)")
     return parser
 
 
