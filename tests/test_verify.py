@@ -388,3 +388,35 @@ def test_the_same_model_in_eval_mode_is_checked() -> None:
         for p in model.parameters():
             p.grad.mul_(-1)
         assert not verify.check(model, _ce, x, y, loss=loss, raise_on_failure=False).ok
+
+
+def test_frozen_first_layer_fine_tuning() -> None:
+    torch.manual_seed(0)
+    model = _converted()
+    for p in model[0].parameters():  # the first Linear frozen: fine-tuning the rest
+        p.requires_grad_(False)
+    x, y = _batch()
+    loss = _step(model, x, y)
+    report = verify.check(model, _loss, x, y, loss=loss)
+    assert report.ok and "0.weight" not in [r.name for r in report.rows]
+    assert [r.name for r in report.rows][:2] == ["loss", "3.weight"]
+    model[3].weight.grad[0, 0] *= 1.01
+    assert not verify.check(model, _loss, x, y, loss=loss, raise_on_failure=False).ok
+
+
+def test_class_weight_of_a_submodule_loss_is_cast() -> None:
+    # A CrossEntropyLoss(weight=...) held by the model: its buffer goes to float64 too.
+    torch.manual_seed(0)
+    model = _Custom()
+    model.criterion = nn.CrossEntropyLoss(weight=torch.rand(5) + 0.5)
+    x, y = _batch()
+
+    def loss_fn(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return m.criterion(m(x), y)
+
+    loss = loss_fn(model, x, y)
+    loss.backward()
+    assert verify.check(model, loss_fn, x, y, loss=loss).ok
+    held = nn.CrossEntropyLoss(weight=torch.rand(5) + 0.5)  # in the closure: cannot be cast
+    with pytest.raises(RuntimeError, match=r"CrossEntropyLoss\(weight=\.\.\.\)"):
+        verify.check(model, lambda m, x, y: held(m(x), y), x, y, loss=loss)

@@ -27,8 +27,11 @@ cannot be converted from outside. So the inputs come as arguments: floating tens
 targets, numbers) passes as is. The parameters are swapped for float64 copies on the module
 object itself (``torch.func.functional_call``) for the length of the call, so a ``loss_fn`` that
 reads ``model`` from its closure (e.g. for an L2 term) sees them too; only the floating tensors
-it reads must come through ``inputs``. Under DDP, ``loss_fn`` receives the wrapped module
-(``model.module``): call that, not the DDP wrapper, whose forward prepares a gradient all-reduce.
+it reads must come through ``inputs`` or belong to the model (a ``CrossEntropyLoss(weight=...)``
+held by ``loss_fn``'s closure cannot be cast: make it a submodule of the model, or pass the weight
+through ``inputs``). Frozen parameters are cast too, and not compared. Under DDP, ``loss_fn``
+receives the wrapped module (``model.module``): call that, not the DDP wrapper, whose forward
+prepares a gradient all-reduce.
 
 For a loop that checks many steps, :class:`Verifier` keeps the GradScaler, autocast and
 tolerance settings and counts checks and skipped (non-finite) steps; ``summary()`` tells.
@@ -525,12 +528,16 @@ class Verifier:
                named: list[tuple[str, Tensor]], device_type: str, dtype: torch.dtype
                ) -> tuple[Tensor, list[Tensor], float]:
         bound = _Bound(inner, loss_fn)
+        # Every parameter in float64, frozen ones too (else a float32 weight meets a float64
+        # activation); only those compared require grad.
         p64 = {f"model.{n}": _to64(p).requires_grad_() for n, p in named}
+        frozen = {f"model.{n}": _to64(p) for n, p in inner.named_parameters()
+                  if f"model.{n}" not in p64}
         b64 = {f"model.{n}": _to64(b).clone() for n, b in inner.named_buffers()}
-        x64 = _to64(inputs)
+        state, x64 = {**p64, **frozen, **b64}, _to64(inputs)
         try:
             with torch.enable_grad(), use_native(), _no_autocast(device_type):
-                exact_l = _scalar(torch.func.functional_call(bound, {**p64, **b64}, x64),
+                exact_l = _scalar(torch.func.functional_call(bound, state, x64),
                                   "float64 pass")
                 exact = torch.autograd.grad(exact_l, list(p64.values()), allow_unused=True)
                 floor = 0.0
@@ -539,13 +546,15 @@ class Verifier:
                     spreads: list[tuple[Any, Tensor]] = []
                     for seed in range(LOSS_FLOOR_DRAWS):
                         with _RoundingNoise(u, seed * 1_000_003, spreads):
-                            noisy = torch.func.functional_call(bound, {**p64, **b64}, x64)
+                            noisy = torch.func.functional_call(bound, state, x64)
                         floor = max(floor, abs(float(noisy) - float(exact_l)))
         except RuntimeError as e:
             raise RuntimeError(
                 f"verify: loss_fn failed in the float64 pass ({e}). Every floating tensor the "
-                f"loss reads must come through check()'s inputs, which are cast to float64, "
-                f"not from loss_fn's closure") from e
+                f"loss reads must come through check()'s inputs, which are cast to float64, or "
+                f"be a parameter or buffer of the model, not come from loss_fn's closure (e.g. "
+                f"a CrossEntropyLoss(weight=...): make it a submodule of the model, or pass "
+                f"the weight through inputs)") from e
         return exact_l.detach(), [torch.zeros_like(p) if g is None else g
                                   for p, g in zip(p64.values(), exact)], floor
 
