@@ -17,30 +17,35 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as TF
-from torch import Tensor, nn
+try:  # Ctrl-C while torch loads (seconds): run_cli's one line and status 130 here too
+    import torch
+    import torch.nn.functional as TF
+    from torch import Tensor, nn
 
-import torch_mlp
-import torch_mlp.verify
-from torch_mlp import functional as MF
-from torch_mlp.data import MNISTTensors, shuffled_batches
-from torch_mlp.training import checkpoint as ckpt
-from torch_mlp.training import resources
-from torch_mlp.training.config import merge_resume_args, parse_args, resolve_device, write_config
-from torch_mlp.training.distributed import Dist, init_distributed
-from torch_mlp.training.errors import NonFiniteLossError, VerifyError, run_cli
-from torch_mlp.training.guards import LossWatch
-from torch_mlp.training.messages import diverged, progress_bar, verify_one_line
-from torch_mlp.training.metrics import keep_max_verify_errors, run_result, write_metrics_csv
-from torch_mlp.training.plots import write_plots
+    import torch_mlp
+    import torch_mlp.verify
+    from torch_mlp import functional as MF
+    from torch_mlp.data import MNISTTensors, shuffled_batches
+    from torch_mlp.training import checkpoint as ckpt
+    from torch_mlp.training import config, resources
+    from torch_mlp.training.distributed import Dist, init_distributed
+    from torch_mlp.training.errors import NonFiniteLossError, VerifyError, run_cli
+    from torch_mlp.training.guards import LossWatch
+    from torch_mlp.training.messages import diverged, progress_bar, verify_one_line
+    from torch_mlp.training.metrics import keep_max_verify_errors, run_result, write_metrics_csv
+    from torch_mlp.training.plots import write_plots
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("train.py: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 IN_FEATURES, NUM_CLASSES = 784, 10
 EVAL_BATCH = 2000
@@ -112,8 +117,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = EVAL_BATC
     finally:
         model.train(was_training)
     loss_sum, correct = dd.all_reduce(sums).tolist()
-    n = max(len(y), 1)
-    return {"loss": loss_sum / n, "acc": correct / n}
+    return {"loss": loss_sum / max(len(y), 1), "acc": correct / max(len(y), 1)}
 
 
 # ------------------------------------------------------------------------------ the run
@@ -146,19 +150,14 @@ class Run:
             print(*a, **k)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-def optimizer_impl(device: torch.device) -> str:
-    return "fused" if device.type in FUSED_DEVICES else "foreach"
+        return contextlib.nullcontext() if self.amp_dtype is None else torch.autocast(
+            self.device.type, dtype=self.amp_dtype)
 
 
 def make_optimizer(args: argparse.Namespace, module: nn.Module, total_steps: int,
                    device: torch.device) -> tuple[torch.optim.Optimizer, Any]:
     """The optimizer (fused or foreach, see FUSED_DEVICES) and the per-step lr schedule."""
-    impl = {optimizer_impl(device): True}
+    impl = {"fused" if device.type in FUSED_DEVICES else "foreach": True}
     if args.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             module.parameters(), lr=args.lr, momentum=args.momentum,
@@ -177,11 +176,11 @@ def make_optimizer(args: argparse.Namespace, module: nn.Module, total_steps: int
 def setup(args: argparse.Namespace, dd: Dist, data: MNISTTensors | None) -> Run:
     """Check the flags against the machine, load the data, build the model and optimizer, and
     restore the checkpoint of --resume."""
-    device = resolve_device(args.device, dd.local_rank)
+    device = config.resolve_device(args.device, dd.local_rank)
     ck = None
     if args.resume is not None:
         ck = ckpt.load_checkpoint(args.resume, map_location=device)
-        merge_resume_args(args, ck, args.resume)
+        config.merge_resume_args(args, ck, args.resume)
         ckpt.check_sizes(ck, args.resume, layer_sizes(args.hidden))
     resources.check_memory(args, device, layer_sizes(args.hidden), EVAL_BATCH)
     out = resources.check_out(args, dd)
@@ -197,10 +196,9 @@ def setup(args: argparse.Namespace, dd: Dist, data: MNISTTensors | None) -> Run:
               torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, dtype,
               steps, verify_every, torch.Generator().manual_seed(args.seed))
     if ck is not None:
-        ckpt.restore(ck, args.resume, model=module, optimizer=optimizer, scheduler=scheduler,
-                     scaler=run.scaler, shuffle=run.shuffle, device=device)
-        run.start_epoch, run.step = int(ck["epoch"]), int(ck["step"])
-        run.history = list(ck.get("history", []))
+        run.start_epoch, run.step, run.history = ckpt.restore(
+            ck, args.resume, model=module, optimizer=optimizer, scheduler=scheduler,
+            scaler=run.scaler, shuffle=run.shuffle, device=device)
         run.last_good = (Path(args.resume), run.start_epoch)
         run.say(f"resuming {args.resume} after epoch {run.start_epoch} (step {run.step})")
     if dd.enabled:
@@ -215,11 +213,13 @@ def describe(run: Run) -> None:
     """config.json (the flags and what they resolved to) and the run's header line."""
     sizes, n_params = layer_sizes(run.args.hidden), sum(p.numel() for p in run.module.parameters())
     if run.dd.is_main:
-        write_config(run.out / "config.json", run.args, device=str(run.device),
-                     world_size=run.dd.world_size, steps_per_epoch=run.steps_per_epoch,
-                     verify_every=run.verify_every, train_size=len(run.data.y_train),
-                     test_size=len(run.data.y_test), sizes=sizes, parameters=n_params,
-                     amp_dtype=str(run.amp_dtype), optimizer_impl=optimizer_impl(run.device))
+        config.write_config(
+            run.out / "config.json", run.args, device=str(run.device),
+            world_size=run.dd.world_size, steps_per_epoch=run.steps_per_epoch,
+            verify_every=run.verify_every, train_size=len(run.data.y_train),
+            test_size=len(run.data.y_test), sizes=sizes, parameters=n_params,
+            amp_dtype=str(run.amp_dtype),
+            optimizer_impl="fused" if run.optimizer.defaults.get("fused") else "foreach")
     kind = "torch.nn + native autograd" if run.args.native else "torch_mlp (hand-derived backward)"
     ddp = f" x{run.dd.world_size} processes (DDP)" if run.dd.enabled else ""
     run.say(f"MLP {'-'.join(map(str, sizes))} ({n_params:,} parameters), {kind}, on "
@@ -312,7 +312,7 @@ def end_epoch(run: Run, row: dict[str, Any], t0: float) -> None:
     # An epoch that ends on non-finite weights or test loss is no good checkpoint.
     finite = torch.tensor([float(math.isfinite(row["test_loss"]) and all(
         bool(torch.isfinite(p).all()) for p in run.module.parameters()))], device=run.device)
-    if dd.all_reduce(finite, dist.ReduceOp.MIN).item() < 1:
+    if dd.all_reduce(finite, torch.distributed.ReduceOp.MIN).item() < 1:
         raise NonFiniteLossError(
             f"after epoch {epoch} (step {run.step}) the weights or the test loss "
             f"({row['test_loss']}) are not finite: "
@@ -357,7 +357,7 @@ def fit(run: Run, t_start: float) -> dict[str, Any]:
 
 
 def train(args: argparse.Namespace, data: MNISTTensors | None = None) -> dict[str, Any]:
-    """One whole run, from :func:`parse_args`'s namespace; returns the final metrics.
+    """One whole run, from :func:`config.parse_args`'s namespace; returns the final metrics.
 
     ``data`` lets a caller pass MNIST already loaded (on the run's device). A
     KeyboardInterrupt leaves with ``checkpoint`` set: the path to resume from, or None.
@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None, *, data: MNISTTensors | None = None
     """Parse ``argv`` (default: sys.argv[1:]), train, and return the final metrics: the last
     epoch's row of metrics.csv plus ``out``, ``wall_seconds``, ``verify_overhead`` and
     ``history``. ``data``: MNIST already loaded (tests, notebooks); default: load it."""
-    args = parse_args(argv)
+    args = config.parse_args(argv)
     with resources.num_threads(args.threads):
         return train(args, data)
 

@@ -6,9 +6,11 @@ import csv
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -645,6 +647,21 @@ def test_interrupt_names_the_real_checkpoint(data_dir: Path, tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130, proc.stderr
     assert "no checkpoint was written yet" in proc.stderr and "--resume" not in proc.stderr
+
+
+def test_ctrl_c_while_torch_imports_is_one_line(tmp_path: Path) -> None:
+    # SIGINT 0.3 s in: train.py is still importing torch (seconds), before main() runs.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "o")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                        signal.SIG_DFL))
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err)
+    assert err.startswith("train.py: interrupted"), err
+    assert not (tmp_path / "o").exists()
 
 
 def test_interrupt_after_a_checkpoint_carries_its_path(run, tmp_path: Path,

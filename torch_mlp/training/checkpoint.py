@@ -142,8 +142,10 @@ def checkpoint_to_resume(out: str | None, resume: str | None) -> str | None:
 
 def restore(ck: dict[str, Any], path: str | os.PathLike[str], *, model: nn.Module,
             optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-            shuffle: torch.Generator, device: torch.device) -> None:
-    """Load ``ck`` (from :func:`load_checkpoint`) into a run's objects and RNG streams."""
+            shuffle: torch.Generator, device: torch.device
+            ) -> tuple[int, int, list[dict[str, Any]]]:
+    """Load ``ck`` (from :func:`load_checkpoint`) into a run's objects and RNG streams;
+    return where the run stands: (epoch, step, history)."""
     try:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -159,3 +161,4 @@ def restore(ck: dict[str, Any], path: str | os.PathLike[str], *, model: nn.Modul
         raise CheckpointError(
             f"checkpoint {path} does not fit this run's model/optimizer ({first_line(e)})"
         ) from e
+    return ck["epoch"], ck["step"], list(ck.get("history", []))
