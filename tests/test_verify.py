@@ -420,3 +420,38 @@ def test_class_weight_of_a_submodule_loss_is_cast() -> None:
     held = nn.CrossEntropyLoss(weight=torch.rand(5) + 0.5)  # in the closure: cannot be cast
     with pytest.raises(RuntimeError, match=r"CrossEntropyLoss\(weight=\.\.\.\)"):
         verify.check(model, lambda m, x, y: held(m(x), y), x, y, loss=loss)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"loss": 1.23}, TypeError, r"loss must be a Tensor or None, got float"),
+    ({"loss": torch.ones(2)}, ValueError, r"loss must be a one-element Tensor, got shape \[2\]"),
+    ({"rtol": "a"}, TypeError, r"rtol must be a number or None, got str"),
+    ({"rtol": -1.0}, ValueError, r"rtol must be a finite number >= 0, got -1.0"),
+    ({"rtol": math.nan}, ValueError, r"rtol must be a finite number >= 0, got nan"),
+    ({"rtol": True}, TypeError, r"rtol must be a number or None, got bool"),
+    ({"k": math.inf}, ValueError, r"k must be a finite number >= 0, got inf"),
+    ({"k": None}, TypeError, r"k must be a number, got NoneType"),
+    ({"scaler": "yes", "optimizer": None}, TypeError, r"scaler must be a torch.amp.GradScaler"),
+    ({"optimizer": 0.1}, TypeError, r"optimizer must be a torch.optim.Optimizer or None"),
+    ({"raise_on_failure": "no"}, TypeError, r"raise_on_failure must be a bool, got str"),
+])
+def test_argument_misuse_names_the_argument(kwargs: dict[str, object], error: type,
+                                            message: str) -> None:
+    model = _converted()
+    x, y = _batch()
+    _step(model, x, y)
+    with pytest.raises(error, match=r"^verify: " + message):
+        verify.check(model, _loss, x, y, **kwargs)
+
+
+def test_model_and_loss_fn_misuse_names_the_argument() -> None:
+    model = _converted()
+    x, y = _batch()
+    _step(model, x, y)
+    with pytest.raises(TypeError, match=r"^verify: model must be an nn.Module, got str"):
+        verify.check("model", _loss, x, y)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^verify: loss_fn must be callable "
+                                        r"\(loss_fn\(model, \*inputs\)\), got Tensor"):
+        verify.check(model, x, y)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^verify: loss_fn must be callable"):
+        verify.Verifier(model).check(None, x, y)  # type: ignore[arg-type]

@@ -351,19 +351,7 @@ class Verifier:
                  optimizer: torch.optim.Optimizer | None = None,
                  autocast: torch.dtype | bool | None = None, rtol: float | None = None,
                  k: float = VERIFY_K, raise_on_failure: bool = True) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Verifier: model must be an nn.Module, got {type(model).__name__}")
-        if scaler is not None and optimizer is None:
-            raise ValueError("Verifier: scaler needs optimizer, to unscale the gradients with "
-                             "scaler.unscale_(optimizer) before comparing them")
-        if autocast is True or not (autocast is None or autocast is False
-                                    or isinstance(autocast, torch.dtype)):
-            raise TypeError(f"Verifier: autocast must be a torch.dtype, None or False, got "
-                            f"{autocast!r}")
-        if rtol is not None and not rtol >= 0:
-            raise ValueError(f"Verifier: rtol must be >= 0, got {rtol}")
-        if not k >= 0:
-            raise ValueError(f"Verifier: k must be >= 0, got {k}")
+        _check_arguments(model, scaler, optimizer, autocast, rtol, k, raise_on_failure)
         self.model, self.scaler, self.optimizer = model, scaler, optimizer
         self.autocast, self.rtol, self.k = autocast, rtol, k
         self.raise_on_failure = raise_on_failure
@@ -426,6 +414,7 @@ class Verifier:
         Returns a :class:`Report`; raises :class:`VerifyError` if out of tolerance (unless
         ``raise_on_failure=False``).
         """
+        _check_call(loss_fn, loss)
         t0 = time.perf_counter()
         inner, group = self._ddp()
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
@@ -578,6 +567,51 @@ def check(model: nn.Module, loss_fn: Callable[..., Tensor], *inputs: Any,
     """
     return Verifier(model, scaler=scaler, optimizer=optimizer, autocast=autocast, rtol=rtol,
                     k=k, raise_on_failure=raise_on_failure).check(loss_fn, *inputs, loss=loss)
+
+
+def _number(value: Any, name: str, optional: bool) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"verify: {name} must be a number{' or None' * optional}, got "
+                        f"{type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"verify: {name} must be a finite number >= 0, got {value}")
+
+
+def _check_arguments(model: Any, scaler: Any, optimizer: Any, autocast: Any, rtol: Any,
+                     k: Any, raise_on_failure: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"verify: model must be an nn.Module, got {type(model).__name__}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"verify: scaler must be a torch.amp.GradScaler or None, got "
+                        f"{type(scaler).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"verify: optimizer must be a torch.optim.Optimizer or None, got "
+                        f"{type(optimizer).__name__}")
+    if scaler is not None and optimizer is None:
+        raise ValueError("verify: scaler needs optimizer, to unscale the gradients with "
+                         "scaler.unscale_(optimizer) before comparing them")
+    if autocast is True or not (autocast is None or autocast is False
+                                or isinstance(autocast, torch.dtype)):
+        raise TypeError(f"verify: autocast must be a torch.dtype, None or False, got "
+                        f"{autocast!r}")
+    _number(rtol, "rtol", optional=True)
+    _number(k, "k", optional=False)
+    if not isinstance(raise_on_failure, bool):
+        raise TypeError(f"verify: raise_on_failure must be a bool, got "
+                        f"{type(raise_on_failure).__name__}")
+
+
+def _check_call(loss_fn: Any, loss: Any) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"verify: loss_fn must be callable (loss_fn(model, *inputs)), got "
+                        f"{type(loss_fn).__name__}")
+    if loss is not None and not isinstance(loss, Tensor):
+        raise TypeError(f"verify: loss must be a Tensor or None, got {type(loss).__name__}")
+    if loss is not None and loss.numel() != 1:
+        raise ValueError(f"verify: loss must be a one-element Tensor, got shape "
+                         f"{list(loss.shape)}")
 
 
 # Class names of modules that draw random numbers in training mode, named in the refusal.
