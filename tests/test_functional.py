@@ -941,3 +941,79 @@ def test_cross_entropy_float64_weight_under_autocast_is_refused_as_native():
             TF.cross_entropy(z, t, weight=w)
         with pytest.raises(RuntimeError, match=r"weight: torch\.float64"):
             F.cross_entropy(z, t, weight=w)
+
+
+@pytest.mark.parametrize("relu", [F.relu, TF.relu], ids=["torch_mlp", "native"])
+@pytest.mark.parametrize("base", ["leaf", "non-leaf"])
+def test_relu_inplace_on_a_view_made_under_no_grad_raises_as_native(relu, base):
+    x = torch.randn(4, 5, requires_grad=True)
+    src = x if base == "leaf" else x * 2
+    with torch.no_grad():
+        view = src[0]
+    with pytest.raises(RuntimeError, match="A view was created in no_grad mode and is being "
+                                           "modified inplace with grad mode enabled"):
+        relu(view, inplace=True)
+    with torch.no_grad():  # the view and the in-place op both under no_grad: allowed
+        relu(view, inplace=True)
+
+
+@pytest.mark.parametrize("relu", [F.relu, TF.relu], ids=["torch_mlp", "native"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_relu_inplace_bumps_the_version_counter_once_as_native(relu, grad):
+    u = torch.randn(5, requires_grad=True) * 1.0 if grad else torch.randn(5)
+    version = u._version
+    relu(u, inplace=True)
+    assert u._version == version + 1
+    if grad:  # autograd's error then names the version native's would
+        s = u.sin()  # saves u at version 1
+        relu(u, inplace=True)
+        with pytest.raises(RuntimeError, match="is at version 2; expected version 1"):
+            s.sum().backward()
+
+
+def _custom_view(t: Tensor) -> Tensor:
+    class _View(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    return _View.apply(t)
+
+
+# Each in-place case autograd refuses: (make the tensor from a leaf that requires grad, message)
+INPLACE_REFUSALS = {
+    "leaf": (lambda x: x, "a leaf Variable that requires grad is being used"),
+    "view-of-leaf": (lambda x: x[0], "a view of a leaf Variable"),
+    "multi-output-view": (lambda x: (x * 1).unbind(0)[0], "output of a function that returns "
+                                                           "multiple views"),
+    "custom-function-view": (lambda x: _custom_view(x * 1), "created inside a custom Function"),
+}
+
+
+@pytest.mark.parametrize("relu", [F.relu, TF.relu], ids=["torch_mlp", "native"])
+@pytest.mark.parametrize("case", list(INPLACE_REFUSALS))
+def test_relu_inplace_refusals_leave_the_tensor_unchanged_as_native(relu, case):
+    make, match = INPLACE_REFUSALS[case]
+    x = torch.randn(4, 5, requires_grad=True)
+    before = x.detach().clone()
+    u = make(x)
+    version = u._version
+    with pytest.raises(RuntimeError, match=match):
+        relu(u, inplace=True)
+    assert torch.equal(x.detach(), before) and u._version == version
+
+
+def test_relu_inplace_on_a_view_of_a_non_leaf_matches_native():
+    def run(relu):
+        x = torch.linspace(-2, 2, 20, dtype=torch.float64).reshape(4, 5).requires_grad_()
+        u = x * 3
+        relu(u[1:3], inplace=True)
+        return u, torch.autograd.grad((u * u).sum(), x)[0]
+
+    (out, grad), (ref, ref_grad) = run(F.relu), run(TF.relu)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, ref_grad)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 from torch.nn import _reduction
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # --------------------------------------------------------------------------------------------
 # Private torch APIs
@@ -61,6 +62,30 @@ def refuse_complex(name: str, dtype: torch.dtype) -> None:
         f"{name}: complex input is not supported (ReLU has no complex form, as in "
         f"torch.nn.functional.relu), got {dtype}"
     )
+
+
+class _ChecksPassed(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised where an op reaches its kernel: autograd's checks before it have passed."""
+
+
+class _StopAtKernel(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        raise _ChecksPassed
+
+
+def check_inplace(t: Tensor) -> None:
+    """Autograd's own checks of an in-place op on ``t``, with its messages: a leaf that requires
+    grad, a view of one, a view made under no_grad or by a multi-output op, ...
+
+    A custom Function's mark_dirty checks less, and only after its forward has written ``t``;
+    native ``relu_`` checks first. Its autograd kernel runs here and is stopped where it would
+    reach the kernel below: nothing is written, no version bumped, the graph is untouched.
+    """
+    try:
+        with _StopAtKernel():
+            t.relu_()
+    except _ChecksPassed:
+        pass
 
 
 def autocast_dtype(t: Tensor) -> torch.dtype | None:

@@ -117,6 +117,10 @@ def relu(u: Tensor, inplace: bool = False) -> Tensor:
         # values, the same in-place effect on u and the same hand-derived backward, computed
         # out of place and then written into u.
         return u.copy_(apply(_RELU, u, False))
+    if inplace and u.requires_grad and (u.is_leaf or u._is_view()) and torch.is_grad_enabled():
+        # The cases autograd refuses, refused before anything is written, as native relu_ does
+        # (copy_ above checks them itself).
+        _checks.check_inplace(u)
     return apply(_RELU, u, inplace)
 
 

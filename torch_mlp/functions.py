@@ -134,7 +134,12 @@ class ReLUFunction(Function):
 
     @staticmethod
     def forward(u: Tensor, inplace: bool) -> Tensor:
-        return u.clamp_min_(0) if inplace else u.clamp_min(0)
+        if inplace:
+            # Written through .data, whose version counter is its own: mark_dirty bumps u's,
+            # so u's version goes up by 1, as after native relu_, not by 2.
+            u.data.clamp_min_(0)
+            return u
+        return u.clamp_min(0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
