@@ -455,3 +455,52 @@ def test_model_and_loss_fn_misuse_names_the_argument() -> None:
         verify.check(model, x, y)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^verify: loss_fn must be callable"):
         verify.Verifier(model).check(None, x, y)  # type: ignore[arg-type]
+
+
+# ---- bfloat16 autocast: the tolerance follows the dtype each op ran in ------------------------
+def _amp_step(model: nn.Module, n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
+    x, y = torch.randn(32, n_in), torch.randint(0, n_out, (32,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _amp_loss(model, x, y)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return x, y, loss.detach()
+
+
+def _amp_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.1) + \
+        model.l2_penalty(2e-4)
+
+
+def test_bf16_autocast_correct_steps_pass() -> None:
+    torch.manual_seed(0)
+    model = torch_mlp.MLP(20, [16], 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    verifier = verify.Verifier(model, autocast=torch.bfloat16)
+    for _ in range(5):
+        x, y, loss = _amp_step(model, 20, 5)
+        report = verifier.check(_amp_loss, x, y, loss=loss)
+        assert report.dtype == torch.bfloat16 and report.worst.used < 0.5, str(report)
+        opt.step()
+
+
+def test_bf16_autocast_wrong_loss_value_is_caught() -> None:
+    # log_softmax, nll_loss and the sums run in float32 under autocast: only the matmuls
+    # round in bfloat16, so the floor is far below a 14% (or 3%) error.
+    torch.manual_seed(0)
+    model = torch_mlp.MLP(20, [16], 5)
+    x, y, loss = _amp_step(model, 20, 5)
+    for off in (1.14, 1.03):
+        with pytest.raises(verify.VerifyError, match="the loss value differs") as caught:
+            verify.check(model, _amp_loss, x, y, loss=loss * off, autocast=torch.bfloat16)
+        assert caught.value.report.rows[0].used > 1.5
+
+
+def test_bf16_autocast_one_weight_gradient_entry_5_percent_off_is_caught() -> None:
+    torch.manual_seed(0)
+    model = torch_mlp.MLP(20, [16], 5)
+    x, y, loss = _amp_step(model, 20, 5)
+    grad = model[0].weight.grad.view(-1)
+    grad[grad.abs().argmax()] *= 1.05
+    with pytest.raises(verify.VerifyError, match=r"the gradient of 0\.weight differs"):
+        verify.check(model, _amp_loss, x, y, loss=loss, autocast=torch.bfloat16)

@@ -60,13 +60,15 @@ __all__ = ["VERIFY_K", "VERIFY_RTOL", "Report", "Row", "Verifier", "VerifyError"
 #
 #     max|g_ours − g_native| ≤ rtol · max|g_native| + K · max|g_native − g_64|
 #
-# rtol is the dtype's (torch.testing's defaults). The second term is native autograd's own
-# rounding error on this very batch, times K. It is needed: near convergence a gradient is a
-# small difference of large terms (p − q, all the more with label smoothing), so any fixed
-# relative tolerance fails in the end while both implementations merely round differently.
-# Measured on MNIST (CPU, 320 checks over a 20-epoch run): our error against float64 stayed
-# within 3× native's, while max|g_ours − g_native| / max|g_native| grew from 2e-7 to 1.1e-5.
-# A real bug, such as a dropped 1/N, is off by about the gradient itself, ~1e5× the tolerance.
+# rtol is that of the compared tensor's dtype (torch.testing's defaults): under autocast a float32
+# parameter's .grad is float32, and the bfloat16 rounding of the matmuls inside shows in the second
+# term, measured, rather than in a blanket bfloat16 rtol. The second term is native autograd's own
+# rounding error on this very batch, times K. It is needed: near convergence a gradient is a small
+# difference of large terms (p − q, all the more with label smoothing), so any fixed relative
+# tolerance fails in the end while both implementations merely round differently. Measured on MNIST
+# (CPU, 320 checks over a 20-epoch run): our error against float64 stayed within 3× native's, while
+# max|g_ours − g_native| / max|g_native| grew from 2e-7 to 1.1e-5. A real bug, such as a dropped
+# 1/N, is off by about the gradient itself, ~1e5× the tolerance.
 VERIFY_RTOL: dict[torch.dtype, float] = {
     torch.float64: 1e-7,
     torch.float32: 1.3e-6,
@@ -74,18 +76,19 @@ VERIFY_RTOL: dict[torch.dtype, float] = {
     torch.float16: 1e-3,
 }
 VERIFY_K = 10.0
-# The loss VALUE is one scalar, so native's rounding error on it is a single draw that can be
-# ~0 by luck (a sum rounded in another order, e.g. ½λ·W·W against ½λ·ΣW², may then look wrong).
-# Its tolerance, rtol·|loss_64| + K·max(|loss_native − loss_64|, floor), has a floor: the
-# rounding error the compute dtype allows in this loss, measured by running the float64 pass
-# again with every aten op's result perturbed at random by the compute dtype's rounding
-# (Monte Carlo arithmetic, u = eps/2), LOSS_FLOOR_DRAWS times. An op that rounds once gets
-# result + u·δ·|result|, |δ| ≤ 1. A reduction (sum, mean, mm, addmm, log_softmax's sum of
-# exps, nll_loss's mean, ...) rounds at each of its n additions, in an order that is the
-# implementation's choice: another order is as right, and its error is a random walk of the
-# partial sums, ~u·√n·S with S the same reduction of the terms' absolute values (u·n·S is the
-# worst case, which no real order approaches and which would hide genuine errors). So it gets
-# result + u·δ·√n·S; K covers the rest. Ops not modelled (e.g. convolutions) round once.
+# The loss VALUE is one scalar, so native's rounding error on it is a single draw that can be ~0 by
+# luck (a sum rounded in another order, e.g. ½λ·W·W against ½λ·ΣW², may then look wrong). Its
+# tolerance, rtol·|loss_64| + K·max(|loss_native − loss_64|, floor), has a floor: the rounding error
+# the compute dtypes allow in this loss, measured by running the float64 pass again with every aten
+# op's result perturbed at random by the rounding of the dtype that op ran in during the native pass
+# (Monte Carlo arithmetic, u = eps/2; under autocast the matmuls' low dtype, float32 for
+# log_softmax, nll_loss, sums, ...), LOSS_FLOOR_DRAWS times. An op that rounds once gets result +
+# u·δ·|result|, |δ| ≤ 1. A reduction (sum, mean, mm, addmm, log_softmax's sum of exps, nll_loss's
+# mean, ...) rounds at each of its n additions, in an order that is the implementation's choice:
+# another order is as right, and its error is a random walk of the partial sums, ~u·√n·S with S the
+# same reduction of the terms' absolute values (u·n·S is the worst case, which no real order
+# approaches and which would hide genuine errors). So it gets result + u·δ·√n·S; K covers the rest.
+# Ops not modelled (e.g. convolutions) round once.
 LOSS_FLOOR_DRAWS = 2
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
@@ -122,7 +125,8 @@ class Report:
 
     rows: list[Row] = field(default_factory=list)
     dtype: torch.dtype | None = None  # the compute dtype the tolerance is for
-    rtol: float = 0.0
+    rtol: float = 0.0  # the gradients' (that of their dtype)
+    loss_rtol: float = 0.0  # the loss value's (that of its dtype)
     k: float = VERIFY_K
     loss_floor: float = 0.0
     skipped: bool = False  # a non-finite step: nothing compared
@@ -167,29 +171,65 @@ class _Bound(nn.Module):
         return self.loss_fn(self.model, *inputs)
 
 
+def _rounded(func: Any, out: Any) -> Tensor | None:
+    """The floating result of an op that rounds, else None (views, in-place and exact ops)."""
+    if func._schema.is_mutable or func.is_view or func.overloadpacket in _EXACT:
+        return None
+    first = out[0] if isinstance(out, tuple) and out else out  # nll_loss: (loss, weight)
+    return first if isinstance(first, Tensor) and first.is_floating_point() else None
+
+
+class _DtypeRecorder(TorchDispatchMode):
+    """Records (op, result dtype) of every op that rounds: under autocast, the dtype each op
+    really ran in (matmuls in the low dtype, log_softmax, nll_loss and sums in float32, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = _rounded(func, out)
+        if first is not None:
+            self.ops.append((func, first.dtype))
+        return out
+
+
 class _RoundingNoise(TorchDispatchMode):
     """Every floating aten result plus u·δ·spread, δ uniform in [-1, 1] per element: the
     rounding of a dtype with unit roundoff u, simulated in float64. ``spread`` is |result| for
     an op that rounds once, √n·S for a reduction of n terms per element (S: the same reduction
-    of the terms' absolute values); exact, view and in-place ops are left alone. ``spreads``
-    is shared by the draws: the n-th op's spread is computed in the first draw only (the
-    draws' values differ by rounding, which does not matter to a scale; it halves the cost)."""
+    of the terms' absolute values); exact, view and in-place ops are left alone. u is that of
+    the dtype the op ran in, in the native pass (``ran_in``, matched by op in order), else that
+    of ``dtype``. ``spreads`` is shared by the draws: the n-th op's spread is computed in the
+    first draw only (the draws' values differ by rounding, which does not matter to a scale;
+    it halves the cost)."""
 
-    def __init__(self, u: float, seed: int, spreads: list[tuple[Any, Tensor]]) -> None:
+    def __init__(self, dtype: torch.dtype, ran_in: list[tuple[Any, torch.dtype]], seed: int,
+                 spreads: list[tuple[Any, Tensor]]) -> None:
         super().__init__()
-        self.u = u
+        self.u = torch.finfo(dtype).eps / 2
+        self.ran_in, self.next = ran_in, 0
         self.seed = seed
         self.spreads = spreads
         self.calls = 0
 
+    def _u(self, func: Any) -> float:
+        # The native pass has more ops (autocast's casts, left out as exact), never others:
+        # look a few ahead for this op; not found, the compute dtype's u.
+        for j in range(self.next, min(self.next + 8, len(self.ran_in))):
+            if self.ran_in[j][0] is func:
+                self.next = j + 1
+                return torch.finfo(self.ran_in[j][1]).eps / 2
+        return self.u
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func._schema.is_mutable or func.is_view or func.overloadpacket in _EXACT:
+        first = _rounded(func, out)
+        if first is None or first.dtype != torch.float64:
             return out
-        first = out[0] if isinstance(out, tuple) and out else out  # nll_loss: (loss, weight)
-        if not isinstance(first, Tensor) or first.dtype != torch.float64:
-            return out
+        u = self._u(func)
         i, self.calls = self.calls, self.calls + 1
         if i < len(self.spreads) and self.spreads[i][0] is func \
                 and self.spreads[i][1].shape == first.shape:
@@ -201,7 +241,7 @@ class _RoundingNoise(TorchDispatchMode):
         self.seed += 1
         gen = torch.Generator(device=first.device).manual_seed(self.seed)
         noise = torch.rand(first.shape, generator=gen, dtype=first.dtype, device=first.device)
-        noisy = first + self.u * (2 * noise - 1) * spread
+        noisy = first + u * (2 * noise - 1) * spread
         return (noisy, *out[1:]) if isinstance(out, tuple) else noisy
 
 
@@ -341,7 +381,8 @@ class Verifier:
         optimizer: the optimizer the scaler unscales (needed with ``scaler``).
         autocast: the autocast dtype of the step for the native pass; ``None``: autocast as it
             is where ``check`` is called; ``False``: none.
-        rtol: overrides ``VERIFY_RTOL[dtype]``.
+        rtol: overrides ``VERIFY_RTOL`` of each compared tensor's dtype (a float32 ``.grad``
+            under bfloat16 autocast: float32's; the matmuls' rounding shows in the K term).
         k: the multiple of native's own rounding error allowed (``VERIFY_K``).
         raise_on_failure: raise :class:`VerifyError` when out of tolerance (else return the
             failing report).
@@ -392,6 +433,18 @@ class Verifier:
             return torch.get_autocast_dtype(device_type)
         return _REAL.get(param_dtype, param_dtype)
 
+    def _rtol(self, dtype: torch.dtype) -> float:
+        # The dtype of the compared tensor itself (a float32 .grad, a float32 loss under
+        # autocast), not the autocast dtype: rounding in the low-precision ops inside shows
+        # in native's own error, which the K term allows, so a bfloat16 rtol on top would
+        # only hide errors of a few percent.
+        if self.rtol is not None:
+            return self.rtol
+        rtol = VERIFY_RTOL.get(_REAL.get(dtype, dtype))
+        if rtol is None:
+            raise ValueError(f"verify: no tolerance for {dtype}; pass rtol=")
+        return rtol
+
     def _unscale(self) -> None:
         if self.scaler is None:
             return
@@ -429,9 +482,7 @@ class Verifier:
         ours = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
         device_type = params[0].device.type
         dtype = self._compute_dtype(device_type, params[0].dtype)
-        rtol = self.rtol if self.rtol is not None else VERIFY_RTOL.get(dtype)
-        if rtol is None:
-            raise ValueError(f"verify: no tolerance for {dtype}; pass rtol=")
+        rtol = self._rtol(ours[0].dtype)
 
         with _untouched(inner, params) as rng:
             if loss is None:
@@ -444,17 +495,25 @@ class Verifier:
                 return self.last
             rng.restore()  # native and float64 draw alike, should the loss draw at all
             native_l, native = self._native(loss_fn, inputs, inner, params, device_type)
-            self._refuse_random(loss_fn, inputs, inner, native_l, device_type, group)
+            ran_in = self._refuse_random(loss_fn, inputs, inner, native_l, device_type, group)
             rng.restore()
-            exact_l, exact, floor = self._exact(loss_fn, inputs, inner, named, device_type, dtype)
+            exact_l, exact, floor = self._exact(loss_fn, inputs, inner, named, device_type,
+                                                dtype, ran_in)
         if group is not None:  # DDP averaged ours over the processes; do the same here
             native, exact = _all_mean(native, group), _all_mean(exact, group)
-        rows = [_loss_row(loss, native_l, exact_l, rtol, self.k, floor)]
-        rows += [_grad_row(n, g, gn, ge, rtol, self.k)
+        loss_rtol = self._rtol(native_l.dtype)
+        rows = [_loss_row(loss, native_l, exact_l, loss_rtol, self.k, floor)]
+        rows += [_grad_row(n, g, gn, ge, self._rtol(g.dtype), self.k)
                  for n, g, gn, ge in zip(names, ours, native, exact)]
-        report = Report(rows=rows, dtype=dtype, rtol=rtol, k=self.k, loss_floor=floor)
+        report = Report(rows=rows, dtype=dtype, rtol=rtol, k=self.k, loss_floor=floor,
+                        loss_rtol=loss_rtol)
+        return self._verdict(report, params[0].device, group, t0)
+
+    def _verdict(self, report: Report, device: torch.device, group: Any, t0: float) -> Report:
+        """The worst row over every process; counts the check; raises if out of tolerance."""
+        rows = report.rows
         worst = torch.tensor([max(r.used for r in rows), max(r.rel for r in rows[1:])],
-                             dtype=torch.float64, device=params[0].device)
+                             dtype=torch.float64, device=device)
         worst = torch.nan_to_num(worst, nan=math.inf)
         if group is not None:  # every process must reach the same verdict
             dist.all_reduce(worst, dist.ReduceOp.MAX, group=group)
@@ -490,11 +549,13 @@ class Verifier:
 
     def _refuse_random(self, loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...],
                        inner: nn.Module, native_l: Tensor, device_type: str, group: Any
-                       ) -> None:
+                       ) -> list[tuple[Any, torch.dtype]]:
         """Run the native forward again, from the RNG state the native pass left (another
         one, if the loss drew from it): a loss that depends on the RNG (dropout, stochastic
-        depth, noise) drew ours from a state long gone, so no comparison can be sound."""
-        with torch.enable_grad(), use_native(), self._autocast(device_type):
+        depth, noise) drew ours from a state long gone, so no comparison can be sound. Returns
+        the dtype each op ran in (for the loss floor)."""
+        with torch.enable_grad(), use_native(), self._autocast(device_type), \
+                _DtypeRecorder() as recorder:
             again = _scalar(loss_fn(inner, *inputs), "native pass").detach()
         a, b = float(native_l), float(again)
         differs = torch.tensor([0.0 if a == b or (math.isnan(a) and math.isnan(b)) else 1.0],
@@ -512,10 +573,11 @@ class Verifier:
                 f"state no longer there, cannot be checked. Run the checked step (loss, "
                 f"backward and check) with the randomness off, e.g. with the model in eval() "
                 f"mode")
+        return recorder.ops
 
     def _exact(self, loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...], inner: nn.Module,
-               named: list[tuple[str, Tensor]], device_type: str, dtype: torch.dtype
-               ) -> tuple[Tensor, list[Tensor], float]:
+               named: list[tuple[str, Tensor]], device_type: str, dtype: torch.dtype,
+               ran_in: list[tuple[Any, torch.dtype]]) -> tuple[Tensor, list[Tensor], float]:
         bound = _Bound(inner, loss_fn)
         # Every parameter in float64, frozen ones too (else a float32 weight meets a float64
         # activation); only those compared require grad.
@@ -531,10 +593,9 @@ class Verifier:
                 exact = torch.autograd.grad(exact_l, list(p64.values()), allow_unused=True)
                 floor = 0.0
                 with torch.no_grad():
-                    u = torch.finfo(dtype).eps / 2
                     spreads: list[tuple[Any, Tensor]] = []
                     for seed in range(LOSS_FLOOR_DRAWS):
-                        with _RoundingNoise(u, seed * 1_000_003, spreads):
+                        with _RoundingNoise(dtype, ran_in, seed * 1_000_003, spreads):
                             noisy = torch.func.functional_call(bound, state, x64)
                         floor = max(floor, abs(float(noisy) - float(exact_l)))
         except RuntimeError as e:
@@ -670,7 +731,7 @@ def _failure(report: Report) -> str:
     if r.name == "loss":
         grads_ok = all(row.used <= 1 for row in report.rows[1:])
         return (f"verify: the loss value differs from the float64 loss: abs diff {r.abs:.3e} "
-                f"(rel {r.rel:.3e}) > tolerance {r.tol:.3e} = {report.rtol:.1e}·|loss| + "
+                f"(rel {r.rel:.3e}) > tolerance {r.tol:.3e} = {report.loss_rtol:.1e}·|loss| + "
                 f"{report.k:g}·max(native's own error {r.native_err:.2e}, {report.dtype} "
                 f"rounding {report.loss_floor:.2e}): the forward (value) of the loss is wrong"
                 f"{'; every gradient is within tolerance' if grads_ok else ''}.\n{report}")
