@@ -336,6 +336,9 @@ def test_amp_bfloat16_on_cpu(run) -> None:
     (["--l2", "1e308"], "--l2: must be in"),
     (["--out", "/proc/torch_mlp_run"], "--out /proc/torch_mlp_run: cannot create files in /proc"),
     (["--data-dir", "/proc/self/stat"], "--data-dir /proc/self/stat: not a directory"),
+    (["--out", ""], "argument --out: must not be empty"),
+    (["--data-dir", ""], "argument --data-dir: must not be empty"),
+    (["--resume", ""], "argument --resume: must not be empty"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_cli_values_are_argparse_errors(flags: list[str], message: str,
                                             capsys: pytest.CaptureFixture[str]) -> None:

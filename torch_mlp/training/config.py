@@ -111,6 +111,13 @@ def _float_in(lo: float, hi: float, *, lo_open: bool = False,
     return parse
 
 
+def _path(s: str) -> str:
+    # Path("") is the current directory: an empty value is an unset variable, not a choice.
+    if not s:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return s
+
+
 def _device(s: str) -> str:
     if s in ("auto", "cpu", "cuda", "mps") or (s.startswith("cuda:") and s[5:].isdigit()):
         return s
@@ -158,13 +165,13 @@ _MODEL_FLAGS: list[tuple[str, dict[str, Any], str]] = [
 _RUN_FLAGS: list[tuple[str, dict[str, Any], str]] = [
     ("--device", {"type": _device},
      "auto, cpu, cuda[:N] or mps; auto takes cuda, then mps, then cpu"),
-    ("--data-dir", {},
+    ("--data-dir", {"type": _path},
      "MNIST root: files in <data-dir>/MNIST/raw, unpacked there from the bundled copy on "
      "first use"),
-    ("--out", {"metavar": "DIR"},
+    ("--out", {"type": _path, "metavar": "DIR"},
      "run directory for metrics.csv, curves.png, weights.png, verify.png, config.json and "
      "checkpoint.pt"),
-    ("--resume", {"metavar": "CHECKPOINT"},
+    ("--resume", {"type": _path, "metavar": "CHECKPOINT"},
      "continue the run saved in this checkpoint.pt; its flags are taken from it"),
     ("--verify-every", {"type": _nonnegative_int, "metavar": "N"},
      "every N steps, compare the step's loss and gradients with native autograd's and "
