@@ -123,6 +123,21 @@ def test_wrong_size_is_refused(change: str, root: Path, tmp_path: Path,
         prepare_mnist(tmp_path, download=False)
 
 
+def test_directory_in_place_of_a_file_is_named_as_such(root: Path, tmp_path: Path,
+                                                       fresh_checks: None) -> None:
+    raw = _copy_raw(root, tmp_path)
+    path = raw / "train-labels-idx1-ubyte"
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(MNISTIntegrityError, match=rf"^{path} is a directory, not the MNIST file "
+                       r"train-labels-idx1-ubyte\. Move it away or remove it and run again"):
+        prepare_mnist(tmp_path, download=False)
+    # What the message says to do works.
+    path.rmdir()
+    prepare_mnist(tmp_path, download=False)
+    verify_file(path)
+
+
 def test_interrupted_unpack_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            fresh_checks: None) -> None:
     real_open = gzip.open

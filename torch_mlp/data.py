@@ -157,6 +157,11 @@ def verify_file(path: str | os.PathLike[str], name: str | None = None) -> None:
     name = path.name if name is None else name
     if name not in RAW_FILES:
         raise ValueError(f"verify_file: {name!r} is not an MNIST file ({', '.join(RAW_FILES)})")
+    if path.is_dir():  # its st_size is the directory's, not a truncated file's
+        raise MNISTIntegrityError(
+            f"{path} is a directory, not the MNIST file {name}. Move it away or remove it and "
+            f"run again: the file is unpacked afresh from the copy bundled with torch_mlp (or "
+            f"downloaded).")
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _VERIFIED:
