@@ -350,6 +350,19 @@ def test_bad_cli_values_are_argparse_errors(flags: list[str], message: str,
     assert re.search(f"error: .*{message}", err), err
 
 
+def test_resume_of_a_directory_says_so(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    for holds_one in (False, True):
+        if holds_one:
+            (tmp_path / "checkpoint.pt").write_bytes(b"")
+        with pytest.raises(SystemExit) as exc:
+            T.main(["--resume", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2
+        assert f"error: --resume {tmp_path}: is a directory, not a checkpoint file" in err, err
+        assert (f"(did you mean {tmp_path / 'checkpoint.pt'}?)" in err) == holds_one, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_without_cuda_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):

@@ -73,6 +73,9 @@ def test_load_refuses_another_format_and_missing_keys(tmp_path: Path) -> None:
         CK.load_checkpoint(tmp_path / "b.pt")
     with pytest.raises(CheckpointError, match=r"c\.pt: no such file"):
         CK.load_checkpoint(tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=f"^checkpoint {tmp_path}: is a directory, not a "
+                       f"checkpoint file"):
+        CK.load_checkpoint(tmp_path)
 
 
 def _history() -> list[dict]:

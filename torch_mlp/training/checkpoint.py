@@ -22,7 +22,8 @@ from ..data import atomic_write
 from .errors import CheckpointError
 
 __all__ = ["CHECKPOINT_FORMAT", "REQUIRED_KEYS", "check_sizes", "checkpoint_to_resume",
-           "first_line", "load_checkpoint", "make_checkpoint", "restore", "save_checkpoint"]
+           "first_line", "load_checkpoint", "make_checkpoint", "path_problem", "restore",
+           "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "torch_mlp.train/1"
 REQUIRED_KEYS = frozenset({"epoch", "step", "sizes", "model", "optimizer", "rng", "args"})
@@ -58,9 +59,24 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) ->
     atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
+def path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be a checkpoint file to read, or None."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / "checkpoint.pt"
+        hint = f" (did you mean {inside}?)" if inside.is_file() else ""
+        return f"is a directory, not a checkpoint file{hint}"
+    if not path.exists():
+        return "no such file"
+    return None if path.is_file() else "not a regular file"
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; CheckpointError if unreadable."""
     path = Path(path)
+    problem = path_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: {problem}")
     # torch.load does not check the zip records' CRCs: a flipped byte in a tensor loads silently.
     bad: str | None = None
     with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError, ValueError), \

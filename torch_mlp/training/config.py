@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..data import atomic_write
+from .checkpoint import path_problem
 from .errors import CheckpointError
 
 __all__ = ["DEFAULTS", "DEFAULT_TEXT", "LR_DEFAULTS", "RUN_DEFAULTS", "TRAJECTORY_KEYS",
@@ -237,8 +238,9 @@ def _device_problem(device: str, amp: bool) -> str | None:
 
 
 def _path_problem(args: argparse.Namespace) -> str | None:
-    if args.resume is not None and not Path(args.resume).is_file():
-        return f"--resume {args.resume}: no such file"
+    problem = args.resume is not None and path_problem(args.resume)
+    if problem:
+        return f"--resume {args.resume}: {problem}"
     data_dir = Path(args.data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         return f"--data-dir {args.data_dir}: not a directory"
