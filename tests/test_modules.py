@@ -379,9 +379,8 @@ BAD_MODULE_INPUT = [
      ValueError, r"out_features must be positive integers, got 2.0"),
     ("ce-module-label_smoothing-above-one", lambda: torch_mlp.CrossEntropyLoss(label_smoothing=1.1),
      ValueError, r"label_smoothing must be between 0.0 and 1.0. Got: 1.1"),
-    ("ce-module-label_smoothing-negative",
-     lambda: torch_mlp.CrossEntropyLoss(label_smoothing=-0.5),
-     ValueError, r"label_smoothing must be between 0.0 and 1.0. Got: -0.5"),
+    ("mlp-in_features-bool", lambda: torch_mlp.MLP(True, [3], 2),
+     ValueError, r"in_features must be positive integers, got True"),
     ("ce-module-invalid-reduction", lambda: torch_mlp.CrossEntropyLoss(reduction="avg"),
      ValueError, r"avg is not a valid value for reduction"),
     ("ce-module-weight-wrong-shape",
@@ -412,3 +411,19 @@ BAD_MODULE_INPUT = [
 def test_bad_module_input_raises_clear_error(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_mlp_takes_integer_likes_as_nn_linear(kind):
+    np = pytest.importorskip("numpy")
+    n = np.int64 if kind == "numpy" else torch.tensor
+    model = torch_mlp.MLP(n(4), [n(3)], n(2))
+    assert model.sizes == (4, 3, 2) and all(type(s) is int for s in model.sizes)
+    assert torch_mlp.MLP(n(4), n(3), n(2)).sizes == (4, 3, 2)  # one hidden size, not a list
+    assert torch.nn.Linear(n(4), n(3)).in_features == 4  # as native takes them
+
+
+def test_cross_entropy_module_takes_a_negative_label_smoothing_as_native():
+    z, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(torch_mlp.CrossEntropyLoss(label_smoothing=-0.5)(z, y),
+                               torch.nn.CrossEntropyLoss(label_smoothing=-0.5)(z, y))

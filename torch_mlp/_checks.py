@@ -26,6 +26,20 @@ legacy_get_string = _reduction.legacy_get_string
 
 
 # --------------------------------------------------------------------------------------------
+# Exception types: where native raises RuntimeError (or NotImplementedError) and the wrappers,
+# to name the argument, a ValueError (or TypeError), they raise an instance of both, so that
+# code written against either catches it.
+# --------------------------------------------------------------------------------------------
+class ArgumentError(ValueError, RuntimeError):
+    """A bad shape or value: a ValueError, and a RuntimeError as native's."""
+
+
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """A dtype the op has no form for: a TypeError, and a NotImplementedError (a RuntimeError)
+    as native's."""
+
+
+# --------------------------------------------------------------------------------------------
 # Shared checks
 # --------------------------------------------------------------------------------------------
 def shape(t: Tensor) -> tuple[int, ...]:
@@ -58,7 +72,7 @@ def same_dtype_device(fn: str, **tensors: Tensor | None) -> None:
 
 
 def refuse_complex(name: str, dtype: torch.dtype) -> None:
-    raise TypeError(
+    raise UnsupportedDtypeError(
         f"{name}: complex input is not supported (ReLU has no complex form, as in "
         f"torch.nn.functional.relu), got {dtype}"
     )
@@ -111,24 +125,45 @@ def autocast_to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 # linear, linear_relu
 # --------------------------------------------------------------------------------------------
 def check_linear(name: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    """``linear``'s shape checks; messages start with ``name``."""
-    if weight.dim() != 2:
-        raise ValueError(
-            f"{name}: expected weight to be 2-D (out_features, in_features), got shape "
+    """``linear``'s shape checks; messages start with ``name``.
+
+    As ``F.linear``: weight (H, D) or (D,) (then the output is (*,)), and a bias that
+    broadcasts to the output's shape (*, H) without enlarging it."""
+    wd = weight.dim()
+    if wd not in (1, 2):
+        raise ArgumentError(
+            f"{name}: expected weight to be 1-D or 2-D (out_features, in_features), got shape "
             f"{shape(weight)}"
         )
     if x.dim() == 0:
-        raise ValueError(f"{name}: expected input with at least 1 dimension, got a 0-d tensor")
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{name}: input's last dimension ({x.shape[-1]}) does not match weight's "
-            f"in_features ({weight.shape[1]}): input shape {shape(x)}, weight shape "
-            f"{shape(weight)}"
+        raise ArgumentError(
+            f"{name}: expected input with at least 1 dimension, got a 0-d tensor"
         )
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(
-            f"{name}: expected bias of shape ({weight.shape[0]},) to match weight "
-            f"{shape(weight)}, got {shape(bias)}"
+    d = weight.shape[-1]
+    if x.shape[-1] != d:
+        raise ArgumentError(
+            f"{name}: input's last dimension ({x.shape[-1]}) does not match weight's "
+            f"in_features ({d}): input shape {shape(x)}, weight shape {shape(weight)}"
+        )
+    if bias is not None and (bias.dim() != 1 or wd != 2 or bias.shape[0] != weight.shape[0]):
+        _check_broadcast_bias(name, x, weight, bias)
+
+
+def _check_broadcast_bias(name: str, x: Tensor, weight: Tensor, bias: Tensor) -> None:
+    if weight.dim() == 1:  # F.linear takes it only for some input layouts and memory formats
+        raise ArgumentError(
+            f"{name}: a bias with a 1-D weight is not supported (torch.nn.functional.linear "
+            f"takes it for some input layouts only); add the bias to the output"
+        )
+    out = (*x.shape[:-1], weight.shape[0])
+    try:
+        fits = torch.broadcast_shapes(bias.shape, out) == out
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ArgumentError(
+            f"{name}: bias of shape {shape(bias)} does not broadcast to the output's shape "
+            f"{out} (expected ({weight.shape[0]},) or a shape that broadcasts to the output)"
         )
 
 
@@ -140,19 +175,24 @@ _REDUCTIONS = ("none", "mean", "sum")
 
 def check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
+        raise ValueError(f"{reduction} is not a valid value for reduction")  # as native
 
 
 def check_label_smoothing(label_smoothing: float) -> None:
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    # As native: only a value above 1 is refused; NaN and negative values mean no smoothing.
+    if label_smoothing > 1.0:
+        raise ArgumentError(
+            f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"
+        )
 
 
 def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
                         ignore_index: int, reduction: str,
-                        label_smoothing: float) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Check ``cross_entropy``'s arguments; returns (input, target, weight) as the loss takes
-    them: upcast to float32 under autocast, Byte targets as int64, a (1,) unbatched target as ().
+                        label_smoothing: float
+                        ) -> tuple[Tensor, Tensor, Tensor | None, float]:
+    """Check ``cross_entropy``'s arguments; returns (input, target, weight, label_smoothing) as
+    the loss takes them: upcast to float32 under autocast, Byte targets as int64, a (1,)
+    unbatched target as (), a probability target of another dtype promoted.
 
     Each tensor attribute is read once: this runs every step (docs/performance.md).
     """
@@ -160,22 +200,27 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
     check_label_smoothing(label_smoothing)
     nd = input.dim()
     if nd == 0:
-        raise ValueError("cross_entropy: expected input of shape (C), (N, C) or (N, C, d1, ...)")
+        raise ArgumentError(
+            "cross_entropy: expected input of shape (C), (N, C) or (N, C, d1, ...)"
+        )
     dtype = input.dtype
     if not dtype.is_floating_point:
-        raise TypeError(f"cross_entropy: expected floating-point input (logits), got {dtype}")
+        raise UnsupportedDtypeError(
+            f"cross_entropy: expected floating-point input (logits), got {dtype}"
+        )
     if autocast_dtype(input) is not None:
         # cross_entropy is on autocast's float32 list: every low-precision floating argument
         # (logits, probability target, class weight) is upcast; float64 stays, as native.
         input, target, weight = (autocast_to(t, torch.float32) for t in (input, target, weight))
     C = input.shape[0] if nd == 1 else input.shape[1]
     if target.dtype.is_floating_point:
-        _check_prob_target(input, target, weight, ignore_index)
+        input, target, weight, label_smoothing = _check_prob_target(
+            input, target, weight, ignore_index, label_smoothing)
     else:
         target = _check_index_target(input, target, weight, C, ignore_index, label_smoothing)
     if weight is not None:
         if shape(weight) != (C,):
-            raise ValueError(
+            raise ArgumentError(
                 f"cross_entropy: expected weight of shape ({C},) (one per class), got "
                 f"{shape(weight)}"
             )
@@ -184,22 +229,40 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
                 "cross_entropy: the gradient with respect to weight is not supported; pass "
                 "weight.detach()"
             )
-    return input, target, weight
+    return input, target, weight, label_smoothing
 
 
 def _check_prob_target(input: Tensor, target: Tensor, weight: Tensor | None,
-                       ignore_index: int) -> None:
+                       ignore_index: int, label_smoothing: float
+                       ) -> tuple[Tensor, Tensor, Tensor | None, float]:
+    """Probability-target checks; returns (input, target, weight) in their promoted dtype, as
+    native's loss, a composite of elementwise ops, computes in it (float32 logits with a
+    float64 target: a float64 loss), and the label smoothing left to apply."""
     if ignore_index != -100:  # as native: ignore_index means nothing for probabilities
-        raise ValueError(
+        raise ArgumentError(
             f"cross_entropy: ignore_index is not supported for class-probability "
             f"(floating-point) targets, got ignore_index={ignore_index}"
         )
     if target.shape != input.shape:
-        raise ValueError(
+        raise ArgumentError(
             f"cross_entropy: class-probability target must have the input's shape "
             f"{shape(input)}, got {shape(target)}"
         )
-    same_dtype_device("cross_entropy", input=input, target=target, weight=weight)
+    if not agree(input, target, weight):
+        dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            dtype = torch.promote_types(dtype, weight.dtype)
+        if label_smoothing > 0 and target.dtype != dtype:
+            # Native smooths the target in its own dtype, before it meets the logits.
+            C = input.shape[0] if input.dim() == 1 else input.shape[1]
+            target = target * (1 - label_smoothing) + label_smoothing / C
+            label_smoothing = 0.0
+        # The cast outside the Function: its backward (to each argument's own dtype) is
+        # autograd's, as native's own promotion.
+        input, target, weight = (None if t is None else t.to(dtype)
+                                 for t in (input, target, weight))
+        same_dtype_device("cross_entropy", input=input, target=target, weight=weight)
+    return input, target, weight, label_smoothing
 
 
 def _check_index_target(input: Tensor, target: Tensor, weight: Tensor | None, C: int,
@@ -209,7 +272,7 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Tensor | None, C:
     if target.dtype == torch.uint8:  # native nll_loss also takes Byte class indices
         target = target.long()
     if target.dtype != torch.int64:
-        raise TypeError(
+        raise UnsupportedDtypeError(
             f"cross_entropy: expected target of dtype torch.int64 (class indices) or "
             f"{input.dtype} (class probabilities), got {target.dtype}"
         )
@@ -218,7 +281,7 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Tensor | None, C:
         # As native: an unbatched (C) input also takes a (1,) target, read as (), but not
         # with label smoothing or zero classes (native's forward fails on the shapes there).
         if tshape[0] != 1 or label_smoothing > 0 or C == 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"cross_entropy: for an unbatched input of shape {tuple(ishape)}, expected "
                 f"target of shape ()" + (", or (1,) without label smoothing" if C else "")
                 + f", got {tuple(tshape)}"
@@ -226,13 +289,13 @@ def _check_index_target(input: Tensor, target: Tensor, weight: Tensor | None, C:
         target = target.reshape(())
         tshape = target.shape
     if nd > 1 and len(tshape) >= 1 and tshape[0] != ishape[0]:
-        raise ValueError(
+        raise ArgumentError(
             f"Expected input batch_size ({ishape[0]}) to match target batch_size ({tshape[0]})."
         )
     # target's shape must be input's without the class dim: () for (C), (N,) for (N, C), ...
     if len(tshape) != max(nd - 1, 0) or (nd > 2 and tshape[1:] != ishape[2:]):
         expected = tuple(ishape)[:1] + tuple(ishape)[2:] if nd > 1 else ()
-        raise ValueError(
+        raise ArgumentError(
             f"cross_entropy: expected target of shape {expected} for input of shape "
             f"{tuple(ishape)}, got {tuple(tshape)}"
         )

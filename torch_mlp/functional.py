@@ -59,7 +59,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Args:
         x: input of shape (*, D).
         weight: (H, D), stored (out, in) as in ``nn.Linear``; the derivation's W is ``weight.T``.
-        bias: (H) or None.
+            A (D,) weight, as ``F.linear`` takes it, gives an output of shape (*) (no bias).
+        bias: (H), a shape that broadcasts to the output's (*, H) without enlarging it (its
+            gradient is summed down to its shape), or None.
 
     Under autocast, runs in the autocast dtype (float16 / bfloat16), as ``F.linear`` does.
     """
@@ -90,6 +92,8 @@ def _linear_call(name: str, fn: Variants, x: Tensor, weight: Tensor, bias: Tenso
         _checks.same_dtype_device(name, input=x, weight=weight, bias=bias)
     if name != "linear" and x.is_complex():  # linear_relu: its ReLU has no complex form
         _checks.refuse_complex(name, x.dtype)
+    if weight.dim() == 1:  # as F.linear: a (D,) weight is one output feature, dropped: (*,)
+        return _linear_call(name, fn, x, weight.unsqueeze(0), bias).squeeze(-1)
     if cast is None:
         return apply(fn, x, weight, bias)
     with torch.autocast(x.device.type, enabled=False):
@@ -108,7 +112,9 @@ def relu(u: Tensor, inplace: bool = False) -> Tensor:
         return TF.relu(u, inplace=inplace)
     dtype = u.dtype
     if dtype == torch.bool:  # clamp_min(0) would promote it to int64
-        raise TypeError("relu: Boolean inputs are not supported, got torch.bool")
+        raise _checks.UnsupportedDtypeError(
+            "relu: Boolean inputs are not supported, got torch.bool"
+        )
     if dtype.is_complex:
         _checks.refuse_complex("relu", dtype)
     if inplace and (torch.compiler.is_compiling() or _checks.transforms_active()):
@@ -140,14 +146,17 @@ def cross_entropy(
     Args:
         input: logits, (C), (N, C) or (N, C, d1, ..., dk).
         target: class indices (int64) of shape () (or (1,) without label smoothing, as
-            native), (N) or (N, d1, ..., dk), or class probabilities with the same shape and
-            dtype as ``input`` (then ``ignore_index`` must stay -100, as native).
+            native), (N) or (N, d1, ..., dk), or class probabilities with the same shape as
+            ``input`` (then ``ignore_index`` must stay -100, as native); a probability target
+            of another floating dtype promotes the loss, as native (float64 with float32
+            logits: a float64 loss).
         weight: per-class weight, (C).
         size_average, reduce: deprecated, as in torch.nn.functional; use ``reduction``.
         ignore_index: target value that contributes neither loss nor gradient (index targets).
         reduction: ``"none"`` | ``"mean"`` | ``"sum"``. With index targets, ``"mean"`` divides
             by the summed weight of the non-ignored targets (NaN when all are ignored).
-        label_smoothing: in [0, 1]; mixes the target with the uniform distribution.
+        label_smoothing: at most 1; mixes the target with the uniform distribution. NaN or a
+            negative value means none, as native.
 
     Under autocast it computes in float32, as the native op does.
     """
@@ -156,8 +165,10 @@ def cross_entropy(
                                 reduction, label_smoothing)
     if size_average is not None or reduce is not None:  # as torch: warns, then maps
         reduction = _checks.legacy_get_string(size_average, reduce)
-    input, target, weight = _checks.check_cross_entropy(input, target, weight, ignore_index,
-                                                        reduction, label_smoothing)
+    if not label_smoothing > 0:  # as native: NaN or a negative value is no smoothing
+        label_smoothing = 0.0
+    input, target, weight, label_smoothing = _checks.check_cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing)
     shape, nd = input.shape, input.dim()
     C = shape[0] if nd == 1 else shape[1]
     probs = target.is_floating_point()
@@ -195,7 +206,7 @@ def _no_class_loss(input: Tensor, target: Tensor, ignore_index: int, reduction: 
     if not probs:
         _checks.check_target_range(target, 0, ignore_index)  # refuses all but ignore_index
         if nd > 2 and target.numel() > 0:
-            raise ValueError(
+            raise _checks.ArgumentError(
                 f"cross_entropy: class-index targets of shape {_checks.shape(target)} need at "
                 f"least one class, got input of shape {_checks.shape(input)} (as "
                 f"torch.nn.functional's)"

@@ -52,9 +52,18 @@ def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return u if bias is None else u + bias
 
 
+def _bias_shape(weight: Tensor, bias: Tensor | None) -> torch.Size | None:
+    """bias's shape where it is not (H,) but broadcast to the output (F.linear takes both)."""
+    if bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]):
+        return None
+    return bias.shape
+
+
 def _linear_grads(needs: tuple[bool, ...], x: Tensor | None, weight: Tensor | None,
-                  g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                  g: Tensor, bias_shape: torch.Size | None = None
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dL/dx, dL/dweight, dL/dbias) = (g · weight, gᵀ · x, Σ g), each None where not needed.
+    A bias broadcast to the output (``bias_shape``) gets g summed down to its shape.
 
     Complex tensors take PyTorch's conjugate Wirtinger convention: g · conj(weight),
     gᵀ · conj(x). conj() of a real tensor is the tensor itself (no copy).
@@ -69,7 +78,8 @@ def _linear_grads(needs: tuple[bool, ...], x: Tensor | None, weight: Tensor | No
         x2 = x if x.dim() == 2 else _rows(x)  # (M, D)
         grad_weight = g2.t().mm(x2.conj())  # gᵀ · x, (H, D)
     if needs[2]:
-        grad_bias = g2.sum(0)  # Σ g over all rows, (H)
+        # Σ g over all rows, (H); a broadcast bias: Σ g over the dims it was broadcast along
+        grad_bias = g2.sum(0) if bias_shape is None else g.sum_to_size(bias_shape)
     return grad_x, grad_weight, grad_bias
 
 
@@ -88,7 +98,8 @@ def _linear_tangent(x: Tensor, weight: Tensor, x_t: Tensor | None, weight_t: Ten
 
 
 class LinearFunction(Function):
-    """``u = x · weightᵀ + bias`` for x of shape (*, D), weight (H, D), bias (H) or None.
+    """``u = x · weightᵀ + bias`` for x of shape (*, D), weight (H, D), bias (H) or None (or a
+    shape that broadcasts to (*, H) without enlarging it, as ``F.linear`` takes).
 
     Backward (g = dL/du): dL/dx = g · weight, dL/dweight = gᵀ · x (summed over every leading
     dim), dL/dbias = Σ g.
@@ -102,16 +113,17 @@ class LinearFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _ = inputs
+        x, weight, bias = inputs
         need = ctx.needs_input_grad
         # Only what a requested gradient needs: x for dL/dweight, weight for dL/dx.
         ctx.save_for_backward(x if need[1] else None, weight if need[0] else None)
         ctx.save_for_forward(x, weight)
+        ctx.bias_shape = _bias_shape(weight, bias)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
-        return _linear_grads(ctx.needs_input_grad, x, weight, g)
+        return _linear_grads(ctx.needs_input_grad, x, weight, g, ctx.bias_shape)
 
     @staticmethod
     def jvp(ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None):
@@ -187,16 +199,17 @@ class LinearReLUFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _ = inputs
+        x, weight, bias = inputs
         need = ctx.needs_input_grad
         ctx.save_for_backward(x if need[1] else None, weight if need[0] else None, output)
         ctx.save_for_forward(x, weight, output)
+        ctx.bias_shape = _bias_shape(weight, bias)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, weight, h = ctx.saved_tensors
         g_u = _threshold_backward(g, h, 0)  # ReLU's: 1[u > 0] ⊙ g
-        return _linear_grads(ctx.needs_input_grad, x, weight, g_u)  # Linear's
+        return _linear_grads(ctx.needs_input_grad, x, weight, g_u, ctx.bias_shape)  # Linear's
 
     @staticmethod
     def jvp(ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None):
@@ -283,14 +296,24 @@ class SoftmaxCrossEntropyFunction(Function):
                 "weight without a tangent (forward-mode AD: torch.func.jvp, jacfwd, hessian)"
             )
         z, target, weight = ctx.saved_tensors
-        dz, logp = _dloss_dz(ctx, z, target, weight)  # dL_i/dz_i, (M, C)
-        one = torch.ones((), dtype=z.dtype, device=z.device)
-        scale = _row_scale(ctx, z, target, weight, one)  # dL/dL_i for g = 1, (M,)
-        row_t = (dz * z_t).sum(-1) if z_t is not None else torch.zeros_like(scale)
+        M = z.shape[0]
+        terms = None
+        if not target.is_floating_point():
+            terms = _index_target_terms(target, weight, ctx.ignore_index, z.dtype)
+        dz, logp = _dloss_dz(ctx, z, target, weight, terms)  # dL_i/dz_i, (M, C)
+        row_t = (dz * z_t).sum(-1) if z_t is not None else z.new_zeros(M)  # dL_i, (M,)
         if target_t is not None and target.is_floating_point():
             row_t = row_t + (_dloss_dtarget(ctx, logp, weight) * target_t).sum(-1)
-        out_t = scale * row_t
-        return out_t if ctx.reduction == "none" else out_t.sum()
+        denom: Tensor | int = max(M, 1)  # as native: probability targets, M = 0: tangent 0
+        if terms is not None:
+            valid, _, w_y = terms
+            row_t = torch.where(valid, row_t, 0)  # ignored rows: no tangent
+            denom = w_y.sum()
+        if ctx.reduction == "none":
+            return row_t
+        # The mean divides last, as native: with index targets 0 / 0 = NaN when every row is
+        # ignored or M = 0.
+        return row_t.sum() if ctx.reduction == "sum" else row_t.sum() / denom
 
 
 # The general path: class weights, ignore_index, label smoothing, probability targets --------

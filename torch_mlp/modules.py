@@ -8,9 +8,10 @@ it calls the hand-derived Functions in :mod:`torch_mlp.functional`.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -229,6 +230,18 @@ class CrossEntropyLoss(nn.Module):
                                    label_smoothing=self.label_smoothing)
 
 
+def _as_size(n: object) -> int | None:
+    """``n`` as an int where it is an integer-like (int, numpy integer, integer 0-d tensor),
+    as ``nn.Linear`` takes it through ``operator.index``; None otherwise. A bool is refused:
+    True as a layer size is a mistake."""
+    if isinstance(n, bool):
+        return None
+    try:
+        return operator.index(n)
+    except TypeError:
+        return None
+
+
 class MLP(nn.Sequential):
     r"""``Linear → ReLU → … → Linear``, built only from torch_mlp's modules.
 
@@ -237,7 +250,8 @@ class MLP(nn.Sequential):
     and load both ways.
 
     Args:
-        in_features: D, e.g. 784 for MNIST.
+        in_features: D, e.g. 784 for MNIST. Sizes are ints or integer-likes (a numpy
+            integer, an integer 0-d tensor), as ``nn.Linear`` takes them.
         hidden_features: H, one int or a sequence of ints (one per hidden layer, may be empty).
         out_features: K, the number of classes.
         bias, device, dtype: passed to every Linear.
@@ -260,11 +274,13 @@ class MLP(nn.Sequential):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        hidden = [hidden_features] if isinstance(hidden_features, int) else list(hidden_features)
-        sizes = [in_features, *hidden, out_features]
+        one = _as_size(hidden_features) is not None or not isinstance(hidden_features, Iterable)
+        hidden = [hidden_features] if one else list(hidden_features)
+        given = [in_features, *hidden, out_features]
         names = ("in_features", *["hidden_features"] * len(hidden), "out_features")
-        for name, n in zip(names, sizes):
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        sizes = [_as_size(n) for n in given]
+        for name, n, size in zip(names, given, sizes):
+            if size is None or size < 1:
                 raise ValueError(f"MLP: {name} must be positive integers, got {n!r}")
         layers: list[nn.Module] = []
         for k, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
