@@ -533,3 +533,32 @@ def test_a_module_compiled_in_place_is_left_alone_with_a_warning():
     with pytest.warns(UserWarning, match=r"left '0' .* compiled in place by Module.compile"):
         torch_mlp.convert(model)
     assert model[0] is compiled and type(model[1]) is torch_mlp.ReLU
+
+
+def test_torch_nn_modules_calling_functional_ops_themselves_are_named_in_plan_and_verbose(
+        capsys):
+    # convert swaps modules; a function call inside a torch.nn module's forward stays native.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, activation="relu", dropout=0.0),
+        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, activation=nn.ReLU(), dropout=0.0),
+        nn.Linear(8, 3))
+    plan = convert_plan(model)
+    notes = {s.path: s.reason for s in plan if not s.swapped}
+    assert re.search(r"calls torch\.nn\.functional\.relu itself.*stays native", notes["0"])
+    assert "1" not in notes or "relu" not in notes["1"]  # a ReLU module there is swapped
+    for path in ("0.self_attn", "1.self_attn"):
+        assert re.search(r"multi_head_attention_forward.*stays native", notes[path])
+    swapped = {s.path for s in plan if s.swapped}
+    assert {"0.linear1", "0.linear2", "1.linear1", "1.linear2", "1.activation", "2"} <= swapped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note, not a warning
+        torch_mlp.convert(model, verbose=True)
+    out = capsys.readouterr().out
+    assert re.search(r"convert: skip 0: torch\.nn\.TransformerEncoderLayer, its forward calls "
+                     r"torch\.nn\.functional\.relu itself", out)
+    assert "convert: skip 0.self_attn: torch.nn.MultiheadAttention" in out
+    decoder = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, activation="relu")
+    assert any(s.path == "" and "functional.relu" in s.reason for s in convert_plan(decoder))
+    gelu = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, activation="gelu")
+    assert not any("functional.relu" in s.reason for s in convert_plan(gelu))

@@ -501,6 +501,9 @@ def _decide(
         if reason:
             return ConvertStep(path, module, None, reason, warn=True), False
         return ConvertStep(path, module, _build(module, path, table[cls], to_native)), False
+    native_calls = "" if to_native else _native_calls(module)
+    if native_calls:  # a note, and its submodules are still converted
+        return ConvertStep(path, module, None, native_calls), True
     if isinstance(module, LazyModuleMixin) and getattr(cls, "cls_to_become", None) in table:
         return ConvertStep(path, module, None, "a lazy module not initialised yet; run a forward "
                            "pass first, then convert", warn=True), False
@@ -514,6 +517,21 @@ def _decide(
         return ConvertStep(path, module, None,
                            f"a subclass of {_name(bases[0])}, whose behaviour may differ"), True
     return None, True
+
+
+def _native_calls(module: nn.Module) -> str:
+    """Why ``module``, a torch.nn module whose forward calls F.relu / F.linear itself rather
+    than through a submodule, keeps those calls native; "" for any other module."""
+    cls = type(module)
+    if cls in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
+        if getattr(module, "activation", None) is torch.nn.functional.relu:
+            return ("its forward calls torch.nn.functional.relu itself (activation='relu'), "
+                    "which stays native; its Linear submodules are converted (with "
+                    "activation=nn.ReLU(), a module, the activation is converted too)")
+    elif cls is nn.MultiheadAttention:
+        return ("its forward runs torch.nn.functional.multi_head_attention_forward on "
+                "in_proj_weight and out_proj's weight, which stays native")
+    return ""
 
 
 def _plan(
@@ -593,6 +611,12 @@ def convert(model: nn.Module, *, to_native: bool = False, verbose: bool = False)
     ``parametrize``, a lazy module not initialised yet, a ``torch.jit.ScriptModule`` inside
     the model, a module compiled in place. Left alone silently: subclasses (their behaviour
     may differ). A scripted ``model`` raises TypeError.
+
+    convert swaps modules, not function calls: where a module's forward calls
+    ``torch.nn.functional.relu`` / ``linear`` itself, those calls stay native. For the torch.nn
+    modules known to do so (``nn.TransformerEncoderLayer`` / ``DecoderLayer`` with
+    ``activation="relu"``, ``nn.MultiheadAttention``) ``verbose`` and :func:`convert_plan` say
+    so (their Linear submodules are still swapped); for a module of your own, check its forward.
 
     Args:
         model: any module.
