@@ -93,3 +93,12 @@ def test_resume_args_that_pass_are_taken() -> None:
     args = C.parse_args([])
     C.merge_resume_args(args, {"args": _saved_args(hidden=[8, 4], lr=0.1, limit=None)}, "c.pt")
     assert args.hidden == [8, 4] and args.lr == 0.1 and args.limit is None
+
+
+def test_resume_args_missing_from_a_checkpoint_are_named() -> None:
+    for saved, missing in (({}, ", ".join(C.TRAJECTORY_KEYS)), (_saved_args(), "lr, amp")):
+        saved = {k: v for k, v in saved.items() if k not in ("lr", "amp")}
+        with pytest.raises(CheckpointError, match=f"^checkpoint c\\.pt lacks its run's arguments "
+                           f"\\(args has no {missing}\\): it was not written by train\\.py, or "
+                           f"it is damaged"):
+            C.merge_resume_args(C.parse_args(["--hidden", "32"]), {"args": saved}, "c.pt")

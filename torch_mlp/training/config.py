@@ -321,9 +321,15 @@ def merge_resume_args(args: argparse.Namespace, ck: dict[str, Any], path: str) -
     """Take the checkpoint's trajectory flags, checked as flags are; refuse ones given on the
     command line with another value."""
     saved = dict(ck["args"])
+    missing = [key for key in TRAJECTORY_KEYS if key not in saved]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks its run's arguments (args has no {', '.join(missing)}): it "
+            f"was not written by train.py, or it is damaged. Resume from another copy or start a "
+            f"new run.")
     for key in TRAJECTORY_KEYS:
         try:
-            saved[key] = _saved_value(key, saved.get(key))
+            saved[key] = _saved_value(key, saved[key])
         except argparse.ArgumentTypeError as e:
             raise CheckpointError(
                 f"checkpoint {path}: field args.{key}: {e}. It was edited or damaged: resume "
