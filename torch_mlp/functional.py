@@ -18,7 +18,7 @@ import torch.fx
 import torch.nn.functional as TF
 from torch import Tensor
 
-from . import _checks
+from . import _checks, functions
 from ._dispatch import Variants, apply, native_enabled, variants
 from .functions import (
     L2PenaltyFunction,
@@ -28,12 +28,8 @@ from .functions import (
     SoftmaxCrossEntropyFunction,
 )
 
-__all__ = [
-    "L2PenaltyFunction",
-    "LinearFunction",
-    "LinearReLUFunction",
-    "ReLUFunction",
-    "SoftmaxCrossEntropyFunction",
+__all__ = [  # the Functions themselves, re-exported, and the wrappers
+    *functions.__all__,
     "apply",
     "cross_entropy",
     "l2_penalty",
