@@ -1,4 +1,4 @@
-"""torch_mlp composes like the native ops (issue 4): forward-mode AD, torch.func, torch.compile,
+"""torch_mlp composes like the native ops: forward-mode AD, torch.func, torch.compile,
 autocast and GradScaler, every available device and dtype, and clear errors where a use is not
 supported.
 
