@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 
 from torch_mlp.training import distributed as D
 
@@ -71,8 +70,3 @@ def test_init_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (dd.rank, dd.world_size, dd.owns_group, dd.enabled, dd.is_main) == (1, 2, False,
                                                                                True, False)
 
-
-def test_all_mean_in_one_process() -> None:
-    a, b = torch.arange(6.0).reshape(2, 3), torch.ones(4)
-    out = D.all_mean(D.Dist(), [a, b])
-    assert torch.equal(out[0], a) and torch.equal(out[1], b)

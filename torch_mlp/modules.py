@@ -33,6 +33,15 @@ __all__ = [
 ]
 
 
+def _linear_holding(cls: type[nn.Module], src: nn.Module) -> nn.Module:
+    """A ``cls`` with ``src``'s sizes holding ``src``'s very weight and bias. Built on meta, so
+    that no parameter memory is allocated only to be dropped."""
+    new = cls(src.in_features, src.out_features, bias=src.bias is not None, device="meta")
+    new.weight = src.weight
+    new.bias = src.bias
+    return new
+
+
 class Linear(nn.Module):
     r"""Applies an affine transformation, :math:`y = xA^T + b`, with a hand-derived backward.
 
@@ -99,20 +108,11 @@ class Linear(nn.Module):
     @classmethod
     def from_native(cls, module: nn.Linear) -> Linear:
         """A Linear with ``module``'s options holding its very weight and bias (no copy)."""
-        # Built on meta so that no parameter memory is allocated only to be dropped.
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                  device="meta")
-        new.weight = module.weight
-        new.bias = module.bias
-        return new
+        return _linear_holding(cls, module)
 
     def to_native(self) -> nn.Linear:
         """The ``torch.nn.Linear`` holding this module's very weight and bias."""
-        new = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta")
-        new.weight = self.weight
-        new.bias = self.bias
-        return new
+        return _linear_holding(nn.Linear, self)
 
     def extra_repr(self) -> str:
         return (
@@ -194,7 +194,7 @@ class CrossEntropyLoss(nn.Module):
     ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
-            reduction = nn._reduction.legacy_get_string(size_average, reduce)
+            reduction = _checks.legacy_get_string(size_average, reduce)
         # torch.nn only finds these at the first call; failing at construction is kinder.
         _checks.check_reduction(reduction)
         _checks.check_label_smoothing(label_smoothing)

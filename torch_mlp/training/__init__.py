@@ -8,7 +8,7 @@ Nothing here imports train.py; train.py is the loop, these are the parts around 
 """
 
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, restore, save_checkpoint
-from .distributed import Dist, all_mean, init_distributed
+from .distributed import Dist, init_distributed
 from .errors import CheckpointError, NonFiniteLossError, TrainingError, VerifyError
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingError",
     "VerifyError",
-    "all_mean",
     "init_distributed",
     "load_checkpoint",
     "restore",

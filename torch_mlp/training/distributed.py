@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Dist", "all_mean", "init_distributed"]
+__all__ = ["Dist", "init_distributed"]
 
 
 @dataclass
@@ -92,10 +92,3 @@ def init_distributed(device_name: str) -> Dist:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
         owns = True
     return Dist(rank, world, local, owns_group=owns)
-
-
-def all_mean(dd: Dist, tensors: Sequence[Tensor]) -> list[Tensor]:
-    """The mean over the processes of each tensor (one all_reduce for all of them)."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dd.all_reduce(flat).div_(dd.world_size)
-    return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
