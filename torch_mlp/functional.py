@@ -88,12 +88,15 @@ def _linear_call(name: str, fn: Variants, x: Tensor, weight: Tensor, bias: Tenso
         _checks.same_dtype_device(name, input=x, weight=weight, bias=bias)
     if name != "linear" and x.is_complex():  # linear_relu: its ReLU has no complex form
         _checks.refuse_complex(name, x.dtype)
-    if weight.dim() == 1:  # as F.linear: a (D,) weight is one output feature, dropped: (*,)
-        return _linear_call(name, fn, x, weight.unsqueeze(0), bias).squeeze(-1)
+    vector = weight.dim() == 1  # as F.linear: a (D,) weight is one output feature, dropped
+    if vector:
+        weight = weight.unsqueeze(0)  # (1, D)
     if cast is None:
-        return apply(fn, x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False):
-        return apply(fn, x, weight, bias)
+        out = apply(fn, x, weight, bias)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            out = apply(fn, x, weight, bias)
+    return out.squeeze(-1) if vector else out  # (*,) for a (D,) weight
 
 
 @torch.fx.wrap
