@@ -280,7 +280,8 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, Any], torch_mlp.ver
     batches = shuffled_batches(n, args.batch_size, run.shuffle, rank=dd.rank,
                                world_size=dd.world_size, device=run.device)
     for b, idx in enumerate(batches):
-        x, y = run.data.x_train[idx], run.data.y_train[idx]  # (b, 784), (b,)
+        # index_select, not x_train[idx]: the same rows, gathered ~5x faster on CPU
+        x, y = run.data.x_train.index_select(0, idx), run.data.y_train.index_select(0, idx)
         check = run.verify_every and run.step % run.verify_every == 0
         loss, logits = train_step(run, x, y, verifier if check else None, errors)
         running[0] += loss * len(y)

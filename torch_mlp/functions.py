@@ -232,9 +232,12 @@ class SoftmaxCrossEntropyFunction(Function):
     probabilities); the wrapper ``cross_entropy`` brings every input layout to this one.
 
     The derivation's case (index targets, no class weight, no smoothing):
-    ``dL/dz_i = s_i (p_i − onehot(y_i))`` with s_i = dL/dL_i (g, or g / N for the mean).
-    Every other case is the general path below, ``dL_i/dz_i = (Σ_c Q_ic) p_i − Q_i`` with Q the
-    row's weighted, smoothed target: the same form, Q = onehot(y) in the plain case.
+    ``dL/dz_i = s_i (p_i − onehot(y_i))`` with s_i = dL/dL_i (g, or g / N for the mean). With
+    label smoothing ε (still index targets, no class weight) the target is
+    Q_i = (1 − ε) onehot(y_i) + ε/C, which sums to 1: ``dL/dz_i = s_i (p_i − ε/C −
+    (1 − ε) onehot(y_i))``. Every other case is the general path below,
+    ``dL_i/dz_i = (Σ_c Q_ic) p_i − Q_i`` with Q the row's weighted, smoothed target: the same
+    form.
     """
 
     generate_vmap_rule = True
@@ -243,8 +246,14 @@ class SoftmaxCrossEntropyFunction(Function):
     def forward(z: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                 reduction: str, label_smoothing: float) -> Tensor:
         logp = torch.log_softmax(z, dim=-1)  # (M, C), shifted log-sum-exp: stable at |z| ~ 1e4
-        if label_smoothing == 0 and not target.is_floating_point():
-            # L_i = −w_{y_i} log p_{i,y_i}, 0 on ignored rows: nll_loss's pick, in one kernel.
+        if not target.is_floating_point() and (label_smoothing == 0 or weight is None):
+            if label_smoothing > 0:
+                # −Σ_c Q_ic log p_ic with Q_i = (1 − ε) onehot(y_i) + ε/C is the pick of
+                # (1 − ε) log p_i + (ε/C) Σ_c log p_ic at y_i: nll_loss below takes it.
+                logp = logp.mul(1 - label_smoothing).add_(
+                    logp.sum(-1, keepdim=True), alpha=label_smoothing / z.shape[-1])
+            # L_i = −w_{y_i} log p_{i,y_i}, 0 on ignored rows: nll_loss's pick, in one kernel;
+            # the mean is over the rows not ignored (Σ w_{y_i} with a class weight).
             return _nll_loss_nd(logp, target, weight, _REDUCTION_ENUM[reduction], ignore_index)
         return _general_loss(logp, target, weight, ignore_index, reduction, label_smoothing)
 
@@ -257,7 +266,8 @@ class SoftmaxCrossEntropyFunction(Function):
         ctx.ignore_index = ignore_index
         ctx.reduction = reduction
         ctx.label_smoothing = label_smoothing
-        ctx.plain = weight is None and label_smoothing == 0 and not target.is_floating_point()
+        # The derivation's case, smoothed or not; class weights and probabilities: general.
+        ctx.plain = weight is None and not target.is_floating_point()
         if not torch.compiler.is_compiling():  # jvp is not traced by torch.compile anyway
             # jvp then gets None, not zeros, for an input without a tangent: a tangent on the
             # class weight can be told apart from none, and refused.
@@ -281,9 +291,15 @@ class SoftmaxCrossEntropyFunction(Function):
         elif ctx.reduction == "none":
             g = g.unsqueeze(-1)
         s = torch.where(valid, g, 0)  # s_i = dL/dL_i; exactly 0 on ignored rows, even if g/0
-        y = y.clamp(0, z.shape[-1] - 1)  # ignored rows scatter s_i = 0 wherever they land
-        # s_i (p_i − onehot(y_i)): the one-hot part scattered into s_i p_i, never built.
-        grad_z = (torch.softmax(z, dim=-1) * s).scatter_add_(-1, y, -s)  # (M, C)
+        C, eps = z.shape[-1], ctx.label_smoothing
+        y = y.clamp(0, C - 1)  # ignored rows scatter s_i = 0 wherever they land
+        p = torch.softmax(z, dim=-1)  # (M, C)
+        if eps == 0:
+            # s_i (p_i − onehot(y_i)): the one-hot part scattered into s_i p_i, never built.
+            grad_z = (p * s).scatter_add_(-1, y, -s)
+        else:
+            # s_i (p_i − ε/C − (1 − ε) onehot(y_i)), the one-hot part scattered likewise.
+            grad_z = ((p - eps / C) * s).scatter_add_(-1, y, -(1 - eps) * s)
         return grad_z, None, None, None, None, None
 
     @staticmethod
@@ -455,8 +471,9 @@ class L2PenaltyFunction(Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         weights = ctx.saved_tensors
+        scale = g * ctx.lam  # 0-dim: the product with each W is then one pass over it
         grads = [
-            g * ctx.lam * w if ctx.needs_input_grad[k + 1] else None  # λ W, as derived
+            w * scale if ctx.needs_input_grad[k + 1] else None  # λ W (times g), as derived
             for k, w in enumerate(weights)
         ]
         return (None, *grads)
