@@ -13,8 +13,10 @@ speedup is the median over those neighbours.
 The training part of an epoch is also set against its roofline: the FLOPs of the GEMMs an
 epoch runs (per layer the forward product, dL/dweight and, above the first layer, dL/dinput;
 the first layer's dL/dx is not needed, x being data) divided by the rate ``torch.mm`` and
-``torch.addmm`` reach on those very shapes, timed in the same process. ``roofline_pct`` is that
-ideal time as a percentage of the measured training seconds.
+``torch.addmm`` reach on those very shapes, timed in the same process right after each
+custom/native pair (the VM's GEMM rate drifts by tens of percent over minutes, so each epoch is
+set against a rate measured next to it). ``roofline_pct`` is that ideal time as a percentage
+of the measured training seconds: the median over the pairs, with its min and max.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,8 +112,9 @@ def epoch_gemm_flops(sizes: list[int], n: int, batch: int) -> int:
     return full * gemm_flops(sizes, batch) + (gemm_flops(sizes, rest) if rest else 0)
 
 
-def gemm_rate(sizes: list[int], batch: int, device: str, quick: bool) -> float:
-    """FLOP/s of the step's GEMMs at ``batch`` rows (torch.addmm forward, torch.mm backward)."""
+def gemm_rate(sizes: list[int], batch: int, device: str, quick: bool) -> Callable[[], float]:
+    """A measurement of the FLOP/s of the step's GEMMs at ``batch`` rows (torch.addmm forward,
+    torch.mm backward): each call times them anew (about half a second) and returns the rate."""
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
 
@@ -126,8 +130,14 @@ def gemm_rate(sizes: list[int], batch: int, device: str, quick: bool) -> float:
             if k:
                 g.mm(w)  # dL/dinput
 
-    (times,) = interleaved([call], Settings.make(quick, device))
-    return gemm_flops(sizes, batch) / statistics.median(times)
+    settings = Settings(dev, warmup=1 if quick else 3, rounds=3 if quick else 7,
+                        min_time_s=0.002 if quick else 0.05)
+
+    def measure() -> float:
+        (times,) = interleaved([call], settings)
+        return gemm_flops(sizes, batch) / statistics.median(times)
+
+    return measure
 
 
 def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
@@ -147,7 +157,12 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
     custom: list[float] = []
     native: list[float] = []
     loop: list[float] = []
+    rates: list[float] = []  # GEMM FLOP/s, measured after each custom/native pair
     loop_images = 0
+    from torch_mlp.training.config import DEFAULTS
+    sizes, batch = [784, *DEFAULTS["hidden"], 10], DEFAULTS["batch_size"]
+    flops = epoch_gemm_flops(sizes, n, batch)
+    rate_now = gemm_rate(sizes, batch, device, quick)
     with tempfile.TemporaryDirectory() as tmp:
         # One untimed short run of each first: lazy initialisation is not an epoch's cost.
         for nat in (False, True):
@@ -158,30 +173,32 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
                 into.append(train_epoch_seconds(train, data, nat, limit, out, device))
                 print(f"  e2e train.py{' --native' if nat else ''}: {into[-1]:.2f} s for "
                       f"{n} images", flush=True)
+            rates.append(rate_now())
+            print(f"  e2e roofline: {flops / 1e9:.1f} GFLOP of GEMMs per {n} images at "
+                  f"{rates[-1] / 1e9:.1f} GFLOP/s = {flops / rates[-1]:.2f} s: "
+                  f"{100 * flops / rates[-1] / custom[-1]:.0f}% of this pair's torch_mlp epoch, "
+                  f"{100 * flops / rates[-1] / native[-1]:.0f}% of its --native one", flush=True)
             secs, seen = dataloader_epoch_seconds(data_dir, batches, device)
             loop.append(secs * N_TRAIN / seen)
             loop_images += seen
             print(f"  e2e DataLoader loop: {secs:.2f} s for {seen} images -> {loop[-1]:.1f} "
                   "s/epoch", flush=True)
-    from torch_mlp.training.config import DEFAULTS
-    sizes = [784, *DEFAULTS["hidden"], 10]
-    flops = epoch_gemm_flops(sizes, n, DEFAULTS["batch_size"])
-    rate = gemm_rate(sizes, DEFAULTS["batch_size"], device, quick)
-    ideal_s = flops / rate
-    print(f"  e2e roofline: {flops / 1e9:.1f} GFLOP of GEMMs per {n} images at "
-          f"{rate / 1e9:.1f} GFLOP/s = {ideal_s:.2f} s", flush=True)
     ratios = [a / b for a, b in zip(custom, native)]
+    pct = [100 * flops / r / c for r, c in zip(rates, custom)]
+    pct_native = [100 * flops / r / c for r, c in zip(rates, native)]
     rows: list[dict[str, Any]] = [{
         "what": "train.py (torch_mlp) vs train.py --native",
         "custom_s_per_epoch": statistics.median(custom) * scale,
         "native_s_per_epoch": statistics.median(native) * scale,
         "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "pairs": len(ratios), "images_timed": n,
-        "sizes": sizes, "batch_size": DEFAULTS["batch_size"],
-        "gemm_gflop_per_epoch": flops * scale / 1e9, "gemm_gflops": rate / 1e9,
-        "roofline_s_per_epoch": ideal_s * scale,
-        "roofline_pct": 100 * ideal_s / statistics.median(custom),
-        "roofline_pct_native": 100 * ideal_s / statistics.median(native),
+        "sizes": sizes, "batch_size": batch,
+        "gemm_gflop_per_epoch": flops * scale / 1e9,
+        "gemm_gflops": statistics.median(rates) / 1e9,
+        "gemm_gflops_min": min(rates) / 1e9, "gemm_gflops_max": max(rates) / 1e9,
+        "roofline_s_per_epoch": flops * scale / statistics.median(rates),
+        "roofline_pct": statistics.median(pct), "roofline_pct_min": min(pct),
+        "roofline_pct_max": max(pct), "roofline_pct_native": statistics.median(pct_native),
     }]
     speedups = [d / (c * scale) for d, c in zip(loop, custom)]
     rows.append({
@@ -209,7 +226,10 @@ def render(rows: list[dict[str, Any]]) -> str:
         "",
         f"Roofline of the training part of an epoch (MLP {'-'.join(map(str, a['sizes']))}, "
         f"batch {a['batch_size']}): {a['gemm_gflop_per_epoch']:.1f} GFLOP of GEMMs at "
-        f"{a['gemm_gflops']:.1f} GFLOP/s (torch.mm on the same shapes, this run) = "
-        f"{a['roofline_s_per_epoch']:.2f} s, {a['roofline_pct']:.0f}% of train.py's measured "
-        f"{a['custom_s_per_epoch']:.2f} s ({a['roofline_pct_native']:.0f}% of --native's).",
+        f"{a['gemm_gflops']:.1f} GFLOP/s ({a['gemm_gflops_min']:.1f}–"
+        f"{a['gemm_gflops_max']:.1f}; torch.mm on the same shapes, after each pair) = "
+        f"{a['roofline_s_per_epoch']:.2f} s. Set against the epoch next to each rate: "
+        f"{a['roofline_pct']:.0f}% ({a['roofline_pct_min']:.0f}–{a['roofline_pct_max']:.0f}%) "
+        f"of train.py's measured {a['custom_s_per_epoch']:.2f} s, "
+        f"{a['roofline_pct_native']:.0f}% of --native's.",
     ])

@@ -181,10 +181,15 @@ def test_e2e_pairs_each_loop_time_with_a_train_py_epoch() -> None:
     assert loop_row["speedup"] == pytest.approx(
         loop_row["dataloader_s_per_epoch"] / train_row["custom_s_per_epoch"])
     assert "× slower (" in e2e.render(rows)
-    # The roofline: the epoch's GEMM FLOPs at the rate measured in this run, against its time.
+    # The roofline: the epoch's GEMM FLOPs at the rate measured next to it, against its time
+    # (one pair, so the medians are that pair's).
     assert train_row["roofline_s_per_epoch"] == pytest.approx(
         train_row["gemm_gflop_per_epoch"] / train_row["gemm_gflops"])
     assert train_row["roofline_pct"] == pytest.approx(
         100 * train_row["roofline_s_per_epoch"] / train_row["custom_s_per_epoch"])
+    assert train_row["roofline_pct_min"] <= train_row["roofline_pct"] <= train_row[
+        "roofline_pct_max"]
+    assert train_row["gemm_gflops_min"] <= train_row["gemm_gflops"] <= train_row[
+        "gemm_gflops_max"]
     assert train_row["roofline_pct"] > 0
-    assert "% of train.py's measured" in e2e.render(rows)
+    assert "%) of train.py's measured" in e2e.render(rows)
