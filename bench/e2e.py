@@ -112,9 +112,9 @@ def epoch_gemm_flops(sizes: list[int], n: int, batch: int) -> int:
     return full * gemm_flops(sizes, batch) + (gemm_flops(sizes, rest) if rest else 0)
 
 
-def gemm_rate(sizes: list[int], batch: int, device: str, quick: bool) -> Callable[[], float]:
-    """A measurement of the FLOP/s of the step's GEMMs at ``batch`` rows (torch.addmm forward,
-    torch.mm backward): each call times them anew (about half a second) and returns the rate."""
+def _gemm_call(sizes: list[int], batch: int, device: str) -> Callable[[], None]:
+    """The step's GEMMs at ``batch`` rows on random operands, as the layers run them: the
+    forward torch.addmm, dL/dweight and (above the first layer) dL/dinput as torch.mm."""
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
 
@@ -130,6 +130,14 @@ def gemm_rate(sizes: list[int], batch: int, device: str, quick: bool) -> Callabl
             if k:
                 g.mm(w)  # dL/dinput
 
+    return call
+
+
+def gemm_rate(sizes: list[int], batch: int, device: str, quick: bool) -> Callable[[], float]:
+    """A measurement of the FLOP/s of the step's GEMMs at ``batch`` rows (torch.addmm forward,
+    torch.mm backward): each call times them anew (about half a second) and returns the rate."""
+    dev = torch.device(device)
+    call = _gemm_call(sizes, batch, device)
     settings = Settings(dev, warmup=1 if quick else 3, rounds=3 if quick else 7,
                         min_time_s=0.002 if quick else 0.05)
 
@@ -138,6 +146,62 @@ def gemm_rate(sizes: list[int], batch: int, device: str, quick: bool) -> Callabl
         return gemm_flops(sizes, batch) / statistics.median(times)
 
     return measure
+
+
+# The step budget: train.py's default step with one part taken away at a time.
+BUDGET = (
+    ("GEMMs alone", None),
+    ("train.py's step", {}),
+    ("without the L2 term", {"l2": 0.0}),
+    ("without L2 and label smoothing", {"l2": 0.0, "label_smoothing": 0.0}),
+    ("... and without optimizer.step()", {"l2": 0.0, "label_smoothing": 0.0, "opt_step": False}),
+)
+
+
+def step_budget(train: Any, data: Any, device: str, quick: bool, native: bool = False
+                ) -> dict[str, float]:
+    """Milliseconds per training step of train.py's default configuration (its model, loss,
+    fused optimizer and batch gather), and of the same step with the L2 term, the label
+    smoothing and the optimizer step taken away one after another, beside the step's GEMMs
+    alone: interleaved, after a warm-up. What lies between the first two rows and the GEMMs
+    is what stands between an epoch and its roofline."""
+    from torch_mlp.data import shuffled_batches
+    from torch_mlp.training.config import DEFAULTS, parse_args
+
+    dev = torch.device(device)
+    args = parse_args(["--native"] if native else [])
+    args.lr = 1e-3  # small steps: the weights stay where training keeps them
+    sizes, batch = [784, *DEFAULTS["hidden"], 10], DEFAULTS["batch_size"]
+    torch.manual_seed(0)
+    model = train.build_model(DEFAULTS["hidden"], native).to(dev)
+    weights = train._linear_weights(model)
+    opt, _ = train.make_optimizer(args, model, 1, dev)
+    n = 4 if quick else 20  # steps per measurement
+    idx = shuffled_batches(len(data.y_train), batch, torch.Generator().manual_seed(0),
+                           device=dev)[:n]
+    gemms = _gemm_call(sizes, batch, device)
+
+    def steps(l2: float = DEFAULTS["l2"], label_smoothing: float = DEFAULTS["label_smoothing"],
+              opt_step: bool = True) -> Callable[[], None]:
+        def call() -> None:
+            for i in idx:
+                x, y = data.x_train.index_select(0, i), data.y_train.index_select(0, i)
+                loss, _ = train.forward_loss(model, weights, x, y, l2, label_smoothing, native)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if opt_step:
+                    opt.step()
+        return call
+
+    def gemm_steps() -> None:
+        for _ in idx:
+            gemms()
+
+    fns = [gemm_steps if kw is None else steps(**kw) for _, kw in BUDGET]
+    settings = Settings(dev, warmup=1 if quick else 2, rounds=3 if quick else 9,
+                        min_time_s=0.002 if quick else 0.2)
+    times = interleaved(fns, settings)
+    return {name: 1e3 * statistics.median(t) / n for (name, _), t in zip(BUDGET, times)}
 
 
 def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
@@ -183,6 +247,11 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
             loop_images += seen
             print(f"  e2e DataLoader loop: {secs:.2f} s for {seen} images -> {loop[-1]:.1f} "
                   "s/epoch", flush=True)
+    budget = {"custom": step_budget(train, data, device, quick),
+              "native": step_budget(train, data, device, quick, native=True)}
+    for kind, ms in budget.items():
+        print(f"  e2e step budget ({kind}): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
     ratios = [a / b for a, b in zip(custom, native)]
     pct = [100 * flops / r / c for r, c in zip(rates, custom)]
     pct_native = [100 * flops / r / c for r, c in zip(rates, native)]
@@ -199,6 +268,7 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
         "roofline_s_per_epoch": flops * scale / statistics.median(rates),
         "roofline_pct": statistics.median(pct), "roofline_pct_min": min(pct),
         "roofline_pct_max": max(pct), "roofline_pct_native": statistics.median(pct_native),
+        "step_budget_ms": budget,
     }]
     speedups = [d / (c * scale) for d, c in zip(loop, custom)]
     rows.append({
@@ -232,4 +302,12 @@ def render(rows: list[dict[str, Any]]) -> str:
         f"{a['roofline_pct']:.0f}% ({a['roofline_pct_min']:.0f}–{a['roofline_pct_max']:.0f}%) "
         f"of train.py's measured {a['custom_s_per_epoch']:.2f} s, "
         f"{a['roofline_pct_native']:.0f}% of --native's.",
+        "",
+        "Where a step's time goes (ms per step, interleaved, one batch of "
+        f"{a['batch_size']}):",
+        "",
+        "| step | torch_mlp | --native |",
+        "|---|---:|---:|",
+        *(f"| {name} | {a['step_budget_ms']['custom'][name]:.2f} | "
+          f"{a['step_budget_ms']['native'][name]:.2f} |" for name, _ in BUDGET),
     ])

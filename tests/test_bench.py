@@ -193,3 +193,8 @@ def test_e2e_pairs_each_loop_time_with_a_train_py_epoch() -> None:
         "gemm_gflops_max"]
     assert train_row["roofline_pct"] > 0
     assert "%) of train.py's measured" in e2e.render(rows)
+    budget = train_row["step_budget_ms"]
+    assert set(budget) == {"custom", "native"}
+    for ms in budget.values():
+        assert list(ms) == [name for name, _ in e2e.BUDGET] and all(v > 0 for v in ms.values())
+    assert "| GEMMs alone |" in e2e.render(rows)
