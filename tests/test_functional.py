@@ -427,6 +427,24 @@ def test_cross_entropy_backward_is_p_minus_onehot_over_n():
     torch.testing.assert_close(grad, expected)
 
 
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["float16", "bfloat16", "float32"])
+def test_cross_entropy_tiny_label_smoothing_keeps_an_infinite_loss_as_native(dtype, reduction):
+    # ε/C = 3e-10 is 0 in float16: the smoothing term must still be ε/C · (−inf) = −inf, not
+    # 0 · (−inf) = NaN, on a row whose logits hold a −inf (native's loss there is inf).
+    z = torch.tensor([[0.0, float("-inf"), 1.0], [2.0, 0.5, -1.0]], dtype=dtype)
+    t = torch.tensor([0, 2])
+    kw = {"reduction": reduction, "label_smoothing": 1e-9}
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    out, ref = F.cross_entropy(z1, t, **kw), TF.cross_entropy(z2, t, **kw)
+    assert torch.isinf(ref).any()
+    torch.testing.assert_close(out, ref, equal_nan=False)
+    g = torch.ones_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, z1, g)[0],
+                               torch.autograd.grad(ref, z2, g)[0])
+
 def test_l2_penalty_value_and_gradient_are_half_lambda_w_squared_and_lambda_w():
     a = randn(3, 4)
     b = randn(2, 3)

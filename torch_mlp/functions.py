@@ -250,8 +250,10 @@ class SoftmaxCrossEntropyFunction(Function):
             if label_smoothing > 0:
                 # −Σ_c Q_ic log p_ic with Q_i = (1 − ε) onehot(y_i) + ε/C is the pick of
                 # (1 − ε) log p_i + (ε/C) Σ_c log p_ic at y_i: nll_loss below takes it.
+                # mul_, not add_'s alpha: CPU casts alpha to float16, where ε/C = 1e-9 is 0,
+                # and 0 · (−inf) would be NaN where native's loss is inf.
                 logp = logp.mul(1 - label_smoothing).add_(
-                    logp.sum(-1, keepdim=True), alpha=label_smoothing / z.shape[-1])
+                    logp.sum(-1, keepdim=True).mul_(label_smoothing / z.shape[-1]))
             # L_i = −w_{y_i} log p_{i,y_i}, 0 on ignored rows: nll_loss's pick, in one kernel;
             # the mean is over the rows not ignored (Σ w_{y_i} with a class weight).
             return _nll_loss_nd(logp, target, weight, _REDUCTION_ENUM[reduction], ignore_index)
