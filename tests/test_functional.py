@@ -445,6 +445,24 @@ def test_cross_entropy_tiny_label_smoothing_keeps_an_infinite_loss_as_native(dty
     torch.testing.assert_close(torch.autograd.grad(out, z1, g)[0],
                                torch.autograd.grad(ref, z2, g)[0])
 
+
+@pytest.mark.parametrize("upstream", [float("inf"), float("-inf")])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+def test_cross_entropy_label_smoothing_infinite_upstream_gradient_is_nan_as_native(
+        label_smoothing, reduction, upstream):
+    # Native's dL/dz on a row with an infinite upstream gradient is NaN in every class (its
+    # log_softmax backward subtracts ∞ from ∞); ignored rows stay 0.
+    z = randn(4, 3, dtype=torch.float32)
+    t = torch.tensor([0, -100, 2, 1])
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing}
+    g = torch.tensor([upstream, 1.0, 1.0, 1.0]) if reduction == "none" else torch.tensor(upstream)
+    z1, z2 = z.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    (grad,) = torch.autograd.grad(F.cross_entropy(z1, t, **kw), z1, g)
+    (ref,) = torch.autograd.grad(TF.cross_entropy(z2, t, **kw), z2, g)
+    assert ref.isnan().any()
+    torch.testing.assert_close(grad, ref, equal_nan=True)
+
 def test_l2_penalty_value_and_gradient_are_half_lambda_w_squared_and_lambda_w():
     a = randn(3, 4)
     b = randn(2, 3)

@@ -300,8 +300,9 @@ class SoftmaxCrossEntropyFunction(Function):
             # s_i (p_i − onehot(y_i)): the one-hot part scattered into s_i p_i, never built.
             grad_z = (p * s).scatter_add_(-1, y, -s)
         else:
-            # s_i (p_i − ε/C − (1 − ε) onehot(y_i)), the one-hot part scattered likewise.
-            grad_z = ((p - eps / C) * s).scatter_add_(-1, y, -(1 - eps) * s)
+            # s_i (p_i − ε/C − (1 − ε) onehot(y_i)), the one-hot part scattered likewise;
+            # s_i p_i − s_i ε/C, not (p_i − ε/C) s_i: an infinite s_i gives NaN, as native's.
+            grad_z = (p * s).sub_(s * (eps / C)).scatter_add_(-1, y, -(1 - eps) * s)
         return grad_z, None, None, None, None, None
 
     @staticmethod
