@@ -463,6 +463,33 @@ def test_cross_entropy_label_smoothing_infinite_upstream_gradient_is_nan_as_nati
     assert ref.isnan().any()
     torch.testing.assert_close(grad, ref, equal_nan=True)
 
+
+def test_cross_entropy_float16_label_smoothing_stays_finite_where_native_overflows():
+    # Native sums Σ_c log p over all rows in float16 (inf here, torch 2.14); the fast path folds the
+    # smoothing term into each row before nll_loss reduces: the float64 value, to float16.
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.randn(1000, 10, generator=gen) * 20).half()
+    t = torch.randint(0, 10, (1000,), generator=gen)
+    ours = F.cross_entropy(z, t, label_smoothing=0.1)
+    exact = TF.cross_entropy(z.double(), t, label_smoothing=0.1)
+    assert ours.dtype == torch.float16
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-3, atol=0)
+
+
+def test_cross_entropy_label_smoothing_vmap_over_the_target_alone_is_a_loop():
+    # Native raises here (an in-place masked_fill_ meets a batched mask); ours maps.
+    z = randn(5, 3, dtype=torch.float32)
+    targets = torch.tensor([[0, 1, 2, -100, 1], [2, 2, 0, 1, -100], [1, 0, 0, 2, 2]])
+
+    def loss(t: Tensor) -> Tensor:
+        return F.cross_entropy(z, t, label_smoothing=0.1)
+
+    mapped = vmap(loss)(targets)
+    torch.testing.assert_close(mapped, torch.stack([loss(t) for t in targets]))
+    torch.testing.assert_close(
+        mapped, torch.stack([TF.cross_entropy(z, t, label_smoothing=0.1) for t in targets]))
+
+
 def test_l2_penalty_value_and_gradient_are_half_lambda_w_squared_and_lambda_w():
     a = randn(3, 4)
     b = randn(2, 3)
