@@ -159,12 +159,16 @@ BUDGET = (
 
 
 def step_budget(train: Any, data: Any, device: str, quick: bool, native: bool = False
-                ) -> dict[str, float]:
+                ) -> tuple[dict[str, float], list[float]]:
     """Milliseconds per training step of train.py's default configuration (its model, loss,
     fused optimizer and batch gather), and of the same step with the L2 term, the label
     smoothing and the optimizer step taken away one after another, beside the step's GEMMs
     alone: interleaved, after a warm-up. What lies between the first two rows and the GEMMs
-    is what stands between an epoch and its roofline."""
+    is what stands between an epoch and its roofline.
+
+    Returns the median milliseconds per row, and the GEMMs' share of train.py's step in %,
+    round by round: the two are timed next to each other, so this share is the steady
+    estimate of the step's roofline on a machine whose speed drifts."""
     from torch_mlp.data import shuffled_batches
     from torch_mlp.training.config import DEFAULTS, parse_args
 
@@ -201,7 +205,8 @@ def step_budget(train: Any, data: Any, device: str, quick: bool, native: bool = 
     settings = Settings(dev, warmup=1 if quick else 2, rounds=3 if quick else 9,
                         min_time_s=0.002 if quick else 0.2)
     times = interleaved(fns, settings)
-    return {name: 1e3 * statistics.median(t) / n for (name, _), t in zip(BUDGET, times)}
+    share = [100 * g / t for g, t in zip(times[0], times[1])]
+    return {name: 1e3 * statistics.median(t) / n for (name, _), t in zip(BUDGET, times)}, share
 
 
 def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
@@ -247,11 +252,12 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
             loop_images += seen
             print(f"  e2e DataLoader loop: {secs:.2f} s for {seen} images -> {loop[-1]:.1f} "
                   "s/epoch", flush=True)
-    budget = {"custom": step_budget(train, data, device, quick),
-              "native": step_budget(train, data, device, quick, native=True)}
-    for kind, ms in budget.items():
+    budget, share = {}, {}
+    for kind in ("custom", "native"):
+        budget[kind], share[kind] = step_budget(train, data, device, quick, kind == "native")
         print(f"  e2e step budget ({kind}): "
-              + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in budget[kind].items())
+              + f"; GEMMs {statistics.median(share[kind]):.0f}% of the step", flush=True)
     ratios = [a / b for a, b in zip(custom, native)]
     pct = [100 * flops / r / c for r, c in zip(rates, custom)]
     pct_native = [100 * flops / r / c for r, c in zip(rates, native)]
@@ -269,6 +275,9 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
         "roofline_pct": statistics.median(pct), "roofline_pct_min": min(pct),
         "roofline_pct_max": max(pct), "roofline_pct_native": statistics.median(pct_native),
         "step_budget_ms": budget,
+        "step_gemm_pct": statistics.median(share["custom"]),
+        "step_gemm_pct_min": min(share["custom"]), "step_gemm_pct_max": max(share["custom"]),
+        "step_gemm_pct_native": statistics.median(share["native"]),
     }]
     speedups = [d / (c * scale) for d, c in zip(loop, custom)]
     rows.append({
@@ -304,7 +313,10 @@ def render(rows: list[dict[str, Any]]) -> str:
         f"{a['roofline_pct_native']:.0f}% of --native's.",
         "",
         "Where a step's time goes (ms per step, interleaved, one batch of "
-        f"{a['batch_size']}):",
+        f"{a['batch_size']}). The GEMMs are {a['step_gemm_pct']:.0f}% "
+        f"({a['step_gemm_pct_min']:.0f}–{a['step_gemm_pct_max']:.0f}% over the rounds) of "
+        f"train.py's step, {a['step_gemm_pct_native']:.0f}% of --native's: timed next to each "
+        "other, a steadier figure than the epoch's above.",
         "",
         "| step | torch_mlp | --native |",
         "|---|---:|---:|",

@@ -198,3 +198,5 @@ def test_e2e_pairs_each_loop_time_with_a_train_py_epoch() -> None:
     for ms in budget.values():
         assert list(ms) == [name for name, _ in e2e.BUDGET] and all(v > 0 for v in ms.values())
     assert "| GEMMs alone |" in e2e.render(rows)
+    assert 0 < train_row["step_gemm_pct_min"] <= train_row["step_gemm_pct"] <= train_row[
+        "step_gemm_pct_max"]
