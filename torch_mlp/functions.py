@@ -366,17 +366,16 @@ def _reduce(loss: Tensor, denom: Tensor | int, reduction: str) -> Tensor:
 def _general_loss(logp: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                   reduction: str, label_smoothing: float) -> Tensor:
     """L_i = −Σ_c Q_ic log p_ic, reduced: the mean over M rows for probabilities, over
-    Σ w_{y_i} for index targets (ignored rows cost 0)."""
+    Σ w_{y_i} for index targets (ignored rows cost 0). Index targets come here only with both
+    a class weight and label smoothing: forward's nll_loss pick takes every other case."""
     C = logp.shape[-1]
     if target.is_floating_point():
         loss = -(_soft_target(target, weight, label_smoothing, C) * logp).sum(-1)  # (M,)
         return _reduce(loss, loss.shape[0], reduction)
     valid, safe_t, w_y = _index_target_terms(target, weight, ignore_index, logp.dtype)
     nll = -logp.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)  # (M,) −log p_{y_i}
-    loss = nll if weight is None else w_y * nll
-    if label_smoothing > 0:
-        smooth = -(logp.sum(-1) if weight is None else (logp * weight).sum(-1))  # (M,)
-        loss = (1 - label_smoothing) * loss + (label_smoothing / C) * smooth
+    smooth = -(logp * weight).sum(-1)  # (M,) −Σ_c w_c log p_ic
+    loss = (1 - label_smoothing) * (w_y * nll) + (label_smoothing / C) * smooth
     loss = torch.where(valid, loss, 0)  # ignored rows cost 0 (where, so inf·0 is no NaN)
     return _reduce(loss, w_y.sum(), reduction)
 
