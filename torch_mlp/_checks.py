@@ -215,7 +215,7 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
     C = input.shape[0] if nd == 1 else input.shape[1]
     if target.dtype.is_floating_point:
         input, target, weight, label_smoothing = _check_prob_target(
-            input, target, weight, ignore_index, label_smoothing)
+            input, target, weight, C, ignore_index, label_smoothing)
     else:
         target = _check_index_target(input, target, weight, C, ignore_index, label_smoothing)
     if weight is not None:
@@ -232,7 +232,7 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
     return input, target, weight, label_smoothing
 
 
-def _check_prob_target(input: Tensor, target: Tensor, weight: Tensor | None,
+def _check_prob_target(input: Tensor, target: Tensor, weight: Tensor | None, C: int,
                        ignore_index: int, label_smoothing: float
                        ) -> tuple[Tensor, Tensor, Tensor | None, float]:
     """Probability-target checks; returns (input, target, weight) in their promoted dtype, as
@@ -254,7 +254,6 @@ def _check_prob_target(input: Tensor, target: Tensor, weight: Tensor | None,
             dtype = torch.promote_types(dtype, weight.dtype)
         if label_smoothing > 0 and target.dtype != dtype:
             # Native smooths the target in its own dtype, before it meets the logits.
-            C = input.shape[0] if input.dim() == 1 else input.shape[1]
             target = target * (1 - label_smoothing) + label_smoothing / C
             label_smoothing = 0.0
         # The cast outside the Function: its backward (to each argument's own dtype) is

@@ -17,7 +17,7 @@ from torch.autograd import Function
 
 from ._checks import transforms_active
 
-__all__ = ["Variants", "apply", "native_enabled", "register", "use_native", "variants"]
+__all__ = ["Variants", "apply", "native_enabled", "use_native", "variants"]
 
 # A ContextVar: per thread and per asyncio task, and each `with` restores what it found.
 _NATIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("torch_mlp_native", default=False)
@@ -82,14 +82,16 @@ def _derive(cls: type[Function], suffix: str, body: dict[str, object]) -> type[F
         "__module__": cls.__module__, **body})
 
 
-def register(cls: type[Function]) -> type[Function]:
-    """Derive ``cls``'s eager and compile variants once, for :func:`apply`; returns ``cls``.
+def variants(cls: type[Function]) -> Variants:
+    """The :class:`Variants` of a Function: its eager and compile variants are derived on
+    first use and kept, for :func:`apply`.
 
     ``cls`` is a Function in the setup_context style (forward without ctx, then
-    setup_context), with ``backward`` and optionally ``jvp``. Usable as a class decorator.
+    setup_context), with ``backward`` and optionally ``jvp``.
     """
-    if cls in _VARIANTS:
-        return cls
+    found = _VARIANTS.get(cls)
+    if found is not None:
+        return found
 
     def forward(ctx, *args):
         output = cls.forward(*args)
@@ -103,16 +105,7 @@ def register(cls: type[Function]) -> type[Function]:
         "generate_vmap_rule": False,
     })
     compiled = _derive(cls, "NoJvp", {"jvp": staticmethod(Function.jvp)})
-    _VARIANTS[cls] = Variants(cls, eager, compiled)
-    return cls
-
-
-def variants(cls: type[Function]) -> Variants:
-    """The :class:`Variants` of a Function (registering it on first use)."""
-    found = _VARIANTS.get(cls)
-    if found is None:
-        register(cls)
-        found = _VARIANTS[cls]
+    found = _VARIANTS[cls] = Variants(cls, eager, compiled)
     return found
 
 

@@ -179,8 +179,7 @@ def verify_file(path: str | os.PathLike[str], name: str | None = None) -> None:
     _VERIFIED.add(key)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
-                 mode: int = 0o644) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a temporary file in ``path``'s folder, fsync it, then ``os.replace``
     it onto ``path``: a reader sees the old file or the new one, never half of one. Whatever
     stops it midway (an exception raised by ``write`` included) leaves no temporary file."""
@@ -192,7 +191,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes it 0600; these files are not secret
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; these files are not secret
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

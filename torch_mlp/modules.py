@@ -13,6 +13,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,17 @@ def _linear_holding(cls: type[nn.Module], src: nn.Module) -> nn.Module:
     new.weight = src.weight
     new.bias = src.bias
     return new
+
+
+def _not_scriptable(module: nn.Module) -> NoReturn:
+    """Every torch_mlp module's ``__prepare_scriptable__``: torch.jit.script is refused,
+    naming what to use instead."""
+    raise RuntimeError(
+        f"torch.jit.script: torch_mlp.{type(module).__name__} cannot be scripted: its "
+        f"hand-derived autograd.Functions are Python, which TorchScript (deprecated upstream) "
+        f"does not compile. Use torch.compile(model) or torch.export.export(model, args) "
+        f"instead, or script the native model: torch_mlp.convert(model, to_native=True)"
+    )
 
 
 class Linear(nn.Module):
@@ -102,8 +114,7 @@ class Linear(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        _not_scriptable(self)
+    __prepare_scriptable__ = _not_scriptable
 
     @classmethod
     def from_native(cls, module: nn.Linear) -> Linear:
@@ -142,8 +153,7 @@ class ReLU(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         return F.relu(input, inplace=self.inplace)
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        _not_scriptable(self)
+    __prepare_scriptable__ = _not_scriptable
 
     @classmethod
     def from_native(cls, module: nn.ReLU) -> ReLU:
@@ -213,8 +223,7 @@ class CrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing,
         )
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        _not_scriptable(self)
+    __prepare_scriptable__ = _not_scriptable
 
     @classmethod
     def from_native(cls, module: nn.CrossEntropyLoss) -> CrossEntropyLoss:
@@ -304,11 +313,9 @@ class MLP(nn.Sequential):
         module, so that the hooks see what they would see. Under torch.compile, torch.export
         and torch.fx tracing nothing is fused: there the size would become a guard (or a trace
         error), and there is no per-call Python work to save."""
-        layers = list(self._modules.values())
         if not _fusion_allowed(input):
-            for m in layers:
-                input = m(input)
-            return input
+            return super().forward(input)
+        layers = list(self._modules.values())
         x, i, n = input, 0, len(layers)
         while i < n:
             m = layers[i]
@@ -323,8 +330,7 @@ class MLP(nn.Sequential):
                 i += 1
         return x
 
-    def __prepare_scriptable__(self) -> nn.Module:
-        _not_scriptable(self)
+    __prepare_scriptable__ = _not_scriptable
 
     def linears(self) -> list[Linear]:
         return [m for m in self if isinstance(m, Linear)]
@@ -339,15 +345,6 @@ def _fusion_allowed(input: Tensor) -> bool:
     if isinstance(input, torch.fx.Proxy) or torch.compiler.is_compiling():
         return False
     return input.dim() > 0 and not _global_hooks()
-
-
-def _not_scriptable(module: nn.Module) -> None:
-    raise RuntimeError(
-        f"torch.jit.script: torch_mlp.{type(module).__name__} cannot be scripted: its "
-        f"hand-derived autograd.Functions are Python, which TorchScript (deprecated upstream) "
-        f"does not compile. Use torch.compile(model) or torch.export.export(model, args) "
-        f"instead, or script the native model: torch_mlp.convert(model, to_native=True)"
-    )
 
 
 def _hooks(m: nn.Module) -> bool:
