@@ -129,6 +129,42 @@ def compare(custom: list[float], native: list[float]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------
+# The GEMMs of a training step, alone
+# --------------------------------------------------------------------------------------------
+def gemm_flops(sizes: list[int], batch: int) -> int:
+    """FLOPs of the GEMMs one training step runs for an MLP of layer ``sizes`` at ``batch`` rows.
+
+    Per layer (in, out): the forward product and dL/dweight, 2·batch·in·out each, and
+    dL/dinput (the same count) for every layer but the first.
+    """
+    total = 0
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        total += (2 if k == 0 else 3) * 2 * batch * n_in * n_out
+    return total
+
+
+def gemm_call(sizes: list[int], batch: int, device: str) -> Callable[[], None]:
+    """The step's GEMMs at ``batch`` rows on random operands, as the layers run them: the
+    forward torch.addmm, dL/dweight and (above the first layer) dL/dinput as torch.mm."""
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dev)
+
+    layers = [(r(batch, i), r(o, i), r(o), r(batch, o)) for i, o in zip(sizes[:-1], sizes[1:])]
+
+    def call() -> None:
+        for k, (x, w, b, g) in enumerate(layers):
+            torch.addmm(b, x, w.t())  # forward
+            g.t().mm(x)  # dL/dweight
+            if k:
+                g.mm(w)  # dL/dinput
+
+    return call
+
+
+# --------------------------------------------------------------------------------------------
 # The two models of the training step, with identical parameters
 # --------------------------------------------------------------------------------------------
 def make_models(hidden: int, device: torch.device) -> tuple[nn.Module, nn.Module]:

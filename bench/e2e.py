@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .common import Settings, interleaved
+from .common import Settings, gemm_call, gemm_flops, interleaved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN = 60000
@@ -94,50 +94,17 @@ def dataloader_epoch_seconds(data_dir: str, batches: int, device: str) -> tuple[
     return time.perf_counter() - t0, seen
 
 
-def gemm_flops(sizes: list[int], batch: int) -> int:
-    """FLOPs of the GEMMs one training step runs for an MLP of layer ``sizes`` at ``batch`` rows.
-
-    Per layer (in, out): the forward product and dL/dweight, 2·batch·in·out each, and
-    dL/dinput (the same count) for every layer but the first.
-    """
-    total = 0
-    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        total += (2 if k == 0 else 3) * 2 * batch * n_in * n_out
-    return total
-
-
 def epoch_gemm_flops(sizes: list[int], n: int, batch: int) -> int:
     """FLOPs of an epoch's GEMMs: ``n // batch`` full batches and one of the remainder."""
     full, rest = divmod(n, batch)
     return full * gemm_flops(sizes, batch) + (gemm_flops(sizes, rest) if rest else 0)
 
 
-def _gemm_call(sizes: list[int], batch: int, device: str) -> Callable[[], None]:
-    """The step's GEMMs at ``batch`` rows on random operands, as the layers run them: the
-    forward torch.addmm, dL/dweight and (above the first layer) dL/dinput as torch.mm."""
-    dev = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
-
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(dev)
-
-    layers = [(r(batch, i), r(o, i), r(o), r(batch, o)) for i, o in zip(sizes[:-1], sizes[1:])]
-
-    def call() -> None:
-        for k, (x, w, b, g) in enumerate(layers):
-            torch.addmm(b, x, w.t())  # forward
-            g.t().mm(x)  # dL/dweight
-            if k:
-                g.mm(w)  # dL/dinput
-
-    return call
-
-
 def gemm_rate(sizes: list[int], batch: int, device: str, quick: bool) -> Callable[[], float]:
     """A measurement of the FLOP/s of the step's GEMMs at ``batch`` rows (torch.addmm forward,
     torch.mm backward): each call times them anew (about half a second) and returns the rate."""
     dev = torch.device(device)
-    call = _gemm_call(sizes, batch, device)
+    call = gemm_call(sizes, batch, device)
     settings = Settings(dev, warmup=1 if quick else 3, rounds=3 if quick else 7,
                         min_time_s=0.002 if quick else 0.05)
 
@@ -158,8 +125,8 @@ BUDGET = (
 )
 
 
-def step_budget(train: Any, data: Any, device: str, quick: bool, native: bool = False
-                ) -> tuple[dict[str, float], list[float]]:
+def step_budget(train: Any, data: Any, sizes: list[int], batch: int, device: str, quick: bool,
+                native: bool = False) -> tuple[dict[str, float], list[float]]:
     """Milliseconds per training step of train.py's default configuration (its model, loss,
     fused optimizer and batch gather), and of the same step with the L2 term, the label
     smoothing and the optimizer step taken away one after another, beside the step's GEMMs
@@ -175,7 +142,6 @@ def step_budget(train: Any, data: Any, device: str, quick: bool, native: bool = 
     dev = torch.device(device)
     args = parse_args(["--native"] if native else [])
     args.lr = 1e-3  # small steps: the weights stay where training keeps them
-    sizes, batch = [784, *DEFAULTS["hidden"], 10], DEFAULTS["batch_size"]
     torch.manual_seed(0)
     model = train.build_model(DEFAULTS["hidden"], native).to(dev)
     weights = train._linear_weights(model)
@@ -183,7 +149,7 @@ def step_budget(train: Any, data: Any, device: str, quick: bool, native: bool = 
     n = 4 if quick else 20  # steps per measurement
     idx = shuffled_batches(len(data.y_train), batch, torch.Generator().manual_seed(0),
                            device=dev)[:n]
-    gemms = _gemm_call(sizes, batch, device)
+    gemms = gemm_call(sizes, batch, device)
 
     def steps(l2: float = DEFAULTS["l2"], label_smoothing: float = DEFAULTS["label_smoothing"],
               opt_step: bool = True) -> Callable[[], None]:
@@ -229,7 +195,7 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
     rates: list[float] = []  # GEMM FLOP/s, measured after each custom/native pair
     loop_images = 0
     from torch_mlp.training.config import DEFAULTS
-    sizes, batch = [784, *DEFAULTS["hidden"], 10], DEFAULTS["batch_size"]
+    sizes, batch = train.layer_sizes(DEFAULTS["hidden"]), DEFAULTS["batch_size"]
     flops = epoch_gemm_flops(sizes, n, batch)
     rate_now = gemm_rate(sizes, batch, device, quick)
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,7 +220,8 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
                   "s/epoch", flush=True)
     budget, share = {}, {}
     for kind in ("custom", "native"):
-        budget[kind], share[kind] = step_budget(train, data, device, quick, kind == "native")
+        budget[kind], share[kind] = step_budget(train, data, sizes, batch, device, quick,
+                                                kind == "native")
         print(f"  e2e step budget ({kind}): "
               + ", ".join(f"{k} {v:.2f} ms" for k, v in budget[kind].items())
               + f"; GEMMs {statistics.median(share[kind]):.0f}% of the step", flush=True)

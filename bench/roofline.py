@@ -20,6 +20,8 @@ from .common import (
     D_IN,
     N_CLASSES,
     Settings,
+    gemm_call,
+    gemm_flops,
     interleaved,
     make_batch,
     make_models,
@@ -30,23 +32,8 @@ from .common import (
 
 def gemms(H: int, B: int, device: torch.device) -> tuple[Callable[[], None], float]:
     """The step's five GEMMs on fresh outputs, as the step allocates them; and their GFLOP."""
-    gen = torch.Generator().manual_seed(0)
-
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device)
-
-    x, W, c, w, b = r(B, D_IN), r(H, D_IN), r(H), r(N_CLASSES, H), r(N_CLASSES)
-    h, g_z, g_u = r(B, H), r(B, N_CLASSES), r(B, H)
-
-    def call() -> None:
-        torch.addmm(c, x, W.t())  # u = x·Wᵀ + c   (B, H)
-        torch.addmm(b, h, w.t())  # z = h·wᵀ + b   (B, K)
-        g_z.t().mm(h)  # dL/dw  (K, H)
-        g_z.mm(w)  # dL/dh  (B, H)
-        g_u.t().mm(x)  # dL/dW  (H, D)
-
-    flop = 2 * B * (D_IN * H + H * N_CLASSES) + 2 * B * (N_CLASSES * H * 2 + H * D_IN)
-    return call, flop / 1e9
+    sizes = [D_IN, H, N_CLASSES]
+    return gemm_call(sizes, B, str(device)), gemm_flops(sizes, B) / 1e9
 
 
 def run(s: Settings, hidden: list[int], batch: list[int]) -> list[dict[str, Any]]:
