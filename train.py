@@ -144,6 +144,12 @@ class Run:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     last_good: tuple[Path, int] | None = None  # the checkpoint a divergence falls back to
+    # The weight matrices the L2 term penalises, gathered once: restoring a checkpoint and
+    # wrapping in DDP keep the very parameter tensors.
+    weights: list[Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.weights = _linear_weights(self.module)
 
     def say(self, *a: Any, **k: Any) -> None:
         if self.dd.is_main:
@@ -246,7 +252,7 @@ def train_step(run: Run, x: Tensor, y: Tensor, verifier: torch_mlp.verify.Verifi
     backward and step (:func:`verify_step`)."""
     args = run.args
     with run.autocast():
-        loss, logits = run.step_fn(run.model, _linear_weights(run.module), x, y, args.l2,
+        loss, logits = run.step_fn(run.model, run.weights, x, y, args.l2,
                                    args.label_smoothing, args.native)
     run.optimizer.zero_grad(set_to_none=True)
     (loss if run.scaler is None else run.scaler.scale(loss)).backward()
@@ -324,7 +330,7 @@ def end_epoch(run: Run, row: dict[str, Any], t0: float) -> None:
             epoch=epoch, step=run.step, sizes=layer_sizes(run.args.hidden),
             model=run.module, optimizer=run.optimizer, scheduler=run.scheduler,
             scaler=run.scaler, shuffle=run.shuffle, device=run.device, history=run.history,
-            args={k: v for k, v in vars(run.args).items() if k != "explicit"}))
+            args=config.flag_values(run.args)))
     run.last_good = (run.out / "checkpoint.pt", epoch)
     if dd.is_main:
         write_metrics_csv(run.out / "metrics.csv", run.history)
@@ -345,7 +351,7 @@ def fit(run: Run, t_start: float) -> dict[str, Any]:
         m = evaluate(run.module, run.data.x_test, run.data.y_test)
         run.history = [{"epoch": run.start_epoch, "test_loss": m["loss"], "test_acc": m["acc"]}]
     if run.dd.is_main and "train_loss" in run.history[-1]:
-        warning = write_plots(run.out, run.history, _linear_weights(run.module)[0])
+        warning = write_plots(run.out, run.history, run.weights[0])
         if warning:
             run.say(warning)
     result = run_result(run.history, run.out, time.perf_counter() - t_start)

@@ -24,8 +24,8 @@ from .checkpoint import path_problem
 from .errors import CheckpointError
 
 __all__ = ["DEFAULTS", "DEFAULT_TEXT", "LR_DEFAULTS", "RUN_DEFAULTS", "TRAJECTORY_KEYS",
-           "build_parser", "format_default", "merge_resume_args", "out_problem", "parse_args",
-           "resolve_device", "write_config"]
+           "build_parser", "flag_values", "format_default", "merge_resume_args", "out_problem",
+           "parse_args", "resolve_device", "write_config"]
 
 # Defaults, chosen by tools/sweep_defaults.py (README, "How the defaults were chosen"): the
 # cheapest configuration whose 3 seeds all reached 98.78%; 58-66 s for the whole run on 2 CPU
@@ -350,9 +350,15 @@ def merge_resume_args(args: argparse.Namespace, ck: dict[str, Any], path: str) -
         )
 
 
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of a run as config.json and the checkpoint keep them: every parsed value,
+    without the parser's bookkeeping of which were given explicitly."""
+    return {k: v for k, v in vars(args).items() if k != "explicit"}
+
+
 def write_config(path: str | os.PathLike[str], args: argparse.Namespace, **resolved: Any) -> None:
     """config.json: the flags, and under ``"resolved"`` what they resolved to (``resolved``,
     then the torch version)."""
-    config = {**{k: v for k, v in vars(args).items() if k != "explicit"},
+    config = {**flag_values(args),
               "resolved": {**resolved, "torch": str(torch.__version__)}}
     atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
