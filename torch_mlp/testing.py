@@ -103,8 +103,13 @@ def _as_tuple(out: Any) -> tuple[Tensor, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
+def _diff_positions(inputs: Sequence[Any]) -> list[int]:
+    """Where ``inputs`` holds a tensor that requires grad."""
+    return [k for k, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+
+
 def _diff_inputs(inputs: Sequence[Any]) -> list[Tensor]:
-    return [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    return [inputs[k] for k in _diff_positions(inputs)]
 
 
 def _real(t: Tensor) -> Tensor:
@@ -148,28 +153,32 @@ def _jacobian_exhaustive(
     J is the Jacobian of the outputs' real views w.r.t. the inputs' real views. Cost: one
     backward per output entry and two calls of ``fn`` per input entry; memory O(N_out · N_in).
     """
-    diff_pos = [k for k, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    diff_pos = _diff_positions(inputs)
     diff = [inputs[k] for k in diff_pos]
     out_ids, outs = _diff_outputs(fn, inputs)
     cols = [(p, j) for p in diff_pos for j in range(_real(inputs[p]).numel())]
     found: list[tuple[float, str]] = []
     worst = 0.0
-    for k, o in zip(out_ids, outs):
+    analytics = []
+    for o in outs:
         flat = _real(o).reshape(-1)
         analytic = torch.zeros(flat.numel(), len(cols), dtype=torch.float64)
         for i in range(flat.numel()):
             grads = torch.autograd.grad(flat[i], diff, retain_graph=True, allow_unused=True,
                                         materialize_grads=True)
             analytic[i] = torch.cat([_real(g).reshape(-1) for g in grads]).detach()
-        numeric = torch.zeros_like(analytic)
-        for c, (p, j) in enumerate(cols):
-            if not flat.numel():
-                break
-            step = torch.zeros(_real(inputs[p]).numel(), dtype=torch.float64)
-            step[j] = eps
-            plus = _as_tuple(fn(*_perturbed(inputs, p, step)))[k]
-            minus = _as_tuple(fn(*_perturbed(inputs, p, -step)))[k]
-            numeric[:, c] = (_real(plus.detach()) - _real(minus.detach())).reshape(-1) / (2 * eps)
+        analytics.append(analytic)
+    numerics = [torch.zeros_like(a) for a in analytics]
+    # Two calls of fn per input entry, read for every output at once (none if all are empty).
+    for c, (p, j) in enumerate(cols if any(a.numel() for a in analytics) else ()):
+        step = torch.zeros(_real(inputs[p]).numel(), dtype=torch.float64)
+        step[j] = eps
+        plus = _as_tuple(fn(*_perturbed(inputs, p, step)))
+        minus = _as_tuple(fn(*_perturbed(inputs, p, -step)))
+        for k, numeric in zip(out_ids, numerics):
+            numeric[:, c] = (_real(plus[k].detach())
+                             - _real(minus[k].detach())).reshape(-1) / (2 * eps)
+    for k, o, analytic, numeric in zip(out_ids, outs, analytics, numerics):
         err = (analytic - numeric).abs()
         if not err.numel():
             continue
@@ -200,7 +209,7 @@ def _jacobian_probes(
     A round is one backward and 1 + 2 · (number of differentiable inputs) calls of ``fn``,
     whatever the sizes.
     """
-    diff_pos = [k for k, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
+    diff_pos = _diff_positions(inputs)
 
     found: list[tuple[float, float, str]] = []
     for r in range(_PROBE_ROUNDS):
@@ -208,6 +217,7 @@ def _jacobian_probes(
 
         out_ids, outs = _diff_outputs(fn, inputs)
         us = [unit(o) for o in outs]
+        u_sum = sum(u.abs().sum().item() for u in us)
 
         def reduce(outs: Sequence[Tensor], us: list[Tensor] = us) -> Tensor:
             # uᵀ · outputs, real whatever the dtype, so that one backward gives uᵀJ.
@@ -223,8 +233,7 @@ def _jacobian_probes(
             plus = reduce([_as_tuple(fn(*_perturbed(inputs, p, eps * v)))[k] for k in out_ids])
             minus = reduce([_as_tuple(fn(*_perturbed(inputs, p, -eps * v)))[k] for k in out_ids])
             numerical = ((plus - minus) / (2 * eps)).item()
-            tol = (atol * sum(u.abs().sum().item() for u in us) * v.abs().sum().item()
-                   + rtol * abs(numerical))
+            tol = atol * u_sum * v.abs().sum().item() + rtol * abs(numerical)
             found.append((abs(analytical - numerical), tol,
                           f"uᵀJv for {in_names[p]} along a random direction: "
                           f"analytical {analytical:.6g}, numerical {numerical:.6g}"))
@@ -294,17 +303,18 @@ def _finite_difference_checks(
     if not gradgrad:
         return
     g_out = [torch.randn(o.shape, dtype=o.dtype, generator=gen).requires_grad_() for o in outs]
-    diff_pos = [k for k, t in enumerate(x64) if isinstance(t, Tensor) and t.requires_grad]
+    diff_pos = _diff_positions(x64)
     hint = ("has no double backward (a @once_differentiable backward, or one built from "
             "detached tensors); pass gradgrad=False to check first order only")
     # Such a backward's gradients either do not require grad or end in autograd's Error node.
-    first = _first_order(custom, len(x64))(*x64, *g_out)
+    first_order = _first_order(custom, len(x64))
+    first = first_order(*x64, *g_out)
     if not any(g.requires_grad and type(g.grad_fn).__name__ != "Error" for g in first):
         fail(f"gradgradcheck cannot run: the backward {hint}")
         return
     try:
         result.gradgradcheck_max_err, where = measure(
-            _first_order(custom, len(x64)), [*x64, *g_out],
+            first_order, [*x64, *g_out],
             in_names + [f"grad_output[{k}]" for k in out_ids],
             [f"grad {in_names[p]}" for p in diff_pos])
         why = ("Jacobian mismatch in a random projection" if fast_mode and where else
@@ -353,7 +363,7 @@ def _parity(
                                  allow_unused=True, materialize_grads=True)
         gb = torch.autograd.grad([b for _, b in diffs], _diff_inputs(b_in), g,
                                  allow_unused=True, materialize_grads=True)
-        diff_pos = [k for k, t in enumerate(a_in) if isinstance(t, Tensor) and t.requires_grad]
+        diff_pos = _diff_positions(a_in)
         pairs += [(f"grad[{k}]", a, b) for k, a, b in zip(diff_pos, ga, gb)]
     worst = 0.0
     for what, a, b in pairs:
