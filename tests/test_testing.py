@@ -283,6 +283,23 @@ def test_fast_mode_cost_does_not_grow_with_the_input_size():
     assert result.gradcheck_max_err < 1e-6 and result.gradgradcheck_max_err < 1e-6
 
 
+def test_exhaustive_jacobian_calls_fn_twice_per_input_entry_whatever_the_outputs():
+    # One call to find the outputs, then one pair per input entry, read for all three outputs.
+    from torch_mlp.testing import _jacobian_exhaustive
+
+    calls = 0
+
+    def three_outputs(x):
+        nonlocal calls
+        calls += 1
+        return 2 * x, x.sin(), x.square()
+
+    x = torch.randn(37, dtype=torch.float64, requires_grad=True)
+    err, where = _jacobian_exhaustive(three_outputs, [x], ["x"], ["a", "b", "c"], atol=1e-5)
+    assert calls == 1 + 2 * 37
+    assert err < 1e-6 and where == []
+
+
 def test_fast_mode_catches_one_wrong_entry_in_a_large_jacobian():
     # Only grad_bias[7] is wrong: a projection over 4 096 × 16 448 entries still sees it.
     class OneWrongBiasEntry(LinearWithBias):

@@ -91,9 +91,6 @@ VERIFY_K = 10.0
 # Ops not modelled (e.g. convolutions) round once.
 LOSS_FLOOR_DRAWS = 2
 
-_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
-
-
 class VerifyError(AssertionError):
     """Ours differs from native autograd beyond tolerance; ``.report`` has every number."""
 
@@ -431,7 +428,7 @@ class Verifier:
             return self.autocast
         if self.autocast is None and torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
-        return _REAL.get(param_dtype, param_dtype)
+        return param_dtype.to_real()
 
     def _rtol(self, dtype: torch.dtype) -> float:
         # The dtype of the compared tensor itself (a float32 .grad, a float32 loss under
@@ -440,7 +437,7 @@ class Verifier:
         # only hide errors of a few percent.
         if self.rtol is not None:
             return self.rtol
-        rtol = VERIFY_RTOL.get(_REAL.get(dtype, dtype))
+        rtol = VERIFY_RTOL.get(dtype.to_real())
         if rtol is None:
             raise ValueError(f"verify: no tolerance for {dtype}; pass rtol=")
         return rtol
