@@ -1,9 +1,18 @@
-"""One DDP process for test_train.py's two-process test (torch.multiprocessing.spawn target)."""
+"""DDP helpers for the tests: a free local port, and one train.py process for test_train.py's
+two-process test (a torch.multiprocessing.spawn target)."""
 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(rank: int, world_size: int, port: int, argv: list[str], data: Any) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from ddp_worker import free_port
 from mnist_fixture import mnist_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -483,17 +483,11 @@ def test_evaluate() -> None:
                                       rel=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(ROOT / "train.py"),
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "train.py"),
            *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -511,7 +505,7 @@ def test_ddp_two_processes_step_equals_one_process_step(data_dir: Path, mnist: M
     flags = ["--data-dir", str(data_dir), "--hidden", "32", "--limit", "256", "--batch-size",
              "256", "--epochs", "1", "--schedule", "none", "--verify-every", "1", "--quiet"]
     small = MNISTTensors(mnist.x_train[:256], mnist.y_train[:256], mnist.x_test, mnist.y_test)
-    mp.spawn(ddp_worker.run, args=(2, _free_port(), [*flags, "--out", str(tmp_path / "ddp")],
+    mp.spawn(ddp_worker.run, args=(2, free_port(), [*flags, "--out", str(tmp_path / "ddp")],
                                    small), nprocs=2, join=True)
     printed = capfd.readouterr().out
     single = T.main([*flags, "--out", str(tmp_path / "single"), "--threads", "1"], data=small)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ddp_worker import free_port
 from torch import Tensor, nn
 
 import torch_mlp
 from torch_mlp import functional as F
 from torch_mlp import verify
 from torch_mlp.functional import L2PenaltyFunction, LinearFunction
+from torch_mlp.training.resources import num_threads
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -160,12 +161,8 @@ def test_wrong_loss_value_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     # One thread: float32 sums in a fixed order, and no oversubscribed cores at this size.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _mnist_sized_step() -> tuple[nn.Module, Tensor, Tensor, Tensor]:
@@ -294,12 +291,6 @@ def test_readme_example(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # ---- DDP: two gloo processes ------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, results: object) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -330,7 +321,7 @@ def _ddp_worker(rank: int, port: int, results: object) -> None:
 def test_ddp_two_processes_reach_the_same_verdict() -> None:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), results), nprocs=2, join=True)
     got = dict(results.get(timeout=30) for _ in range(2))
     assert got == {0: [True, False], 1: [True, False]}
 
