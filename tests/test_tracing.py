@@ -3,6 +3,8 @@ models, and cross_entropy's positional parameters, as torch.nn's."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.fx
@@ -100,37 +102,31 @@ def test_export_with_dynamic_batch_runs_batch_3_and_17() -> None:
         torch.testing.assert_close(ep.module()(x), model(x))
 
 
-def test_mlp_fusion_reads_no_size_under_compile(monkeypatch) -> None:
-    # A size read there would become a shape guard (export: `batch <= 64`); nothing is fused.
-    torch.manual_seed(0)
-    model = torch_mlp.MLP(6, 5, 2)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    monkeypatch.setattr(torch_mlp.functional, "linear_relu", None)  # would fail if called
-    monkeypatch.setattr(torch_mlp._dispatch, "apply",
-                        lambda fn, *a: fn.original.apply(*a))  # the Functions, sans Dynamo
-    monkeypatch.setattr(torch_mlp.functional, "apply", lambda fn, *a: fn.original.apply(*a))
-    x = torch.randn(3, 6)
-    out = model(x)
-    monkeypatch.undo()
-    torch.testing.assert_close(out, model(x))
-
-
 @pytest.mark.parametrize("module", [torch_mlp.Linear(3, 2), torch_mlp.ReLU(),
                                     torch_mlp.CrossEntropyLoss(), torch_mlp.MLP(3, 4, 2)],
                          ids=["Linear", "ReLU", "CrossEntropyLoss", "MLP"])
-def test_jit_script_is_refused_with_a_clear_message(module: nn.Module) -> None:
-    name = type(module).__name__
-    with pytest.warns(FutureWarning), pytest.raises(
-            RuntimeError, match=rf"torch_mlp\.{name} cannot be scripted.*torch\.compile.*"
-                                r"torch\.export"):
+def test_jit_script_fails_loudly_and_the_native_twin_scripts(module: nn.Module) -> None:
+    # TorchScript cannot compile a Python autograd.Function: it must fail, never run silently.
+    with pytest.warns(FutureWarning), pytest.raises(RuntimeError):
         torch.jit.script(module)
+    native = torch_mlp.convert(copy.deepcopy(module), to_native=True)
+    with pytest.warns(FutureWarning):
+        scripted = torch.jit.script(native)
+    if isinstance(module, torch_mlp.CrossEntropyLoss):
+        args: tuple[torch.Tensor, ...] = (torch.randn(4, 3), torch.tensor([0, 2, 1, 1]))
+    else:
+        args = (torch.randn(4, 3),)
+    torch.testing.assert_close(scripted(*args), module(*args))
 
 
-def test_jit_script_of_a_model_containing_torch_mlp_is_refused() -> None:
-    model = nn.Sequential(torch_mlp.Linear(3, 2), nn.Tanh())
-    with pytest.warns(FutureWarning), pytest.raises(RuntimeError,
-                                                    match=r"torch_mlp\.Linear cannot be scripted"):
-        torch.jit.script(model)
+def test_jit_trace_under_use_native_saves_and_reloads(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = torch_mlp.MLP(6, [5], 2), torch.randn(3, 6)
+    with torch_mlp.use_native():
+        traced = torch.jit.trace(model, x)
+    traced.save(tmp_path / "mlp.pt")
+    reloaded = torch.jit.load(tmp_path / "mlp.pt")
+    torch.testing.assert_close(reloaded(x), model(x))
 
 
 # --------------------------------------------------------------------------------------------

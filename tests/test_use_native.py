@@ -27,7 +27,6 @@ def _calls(t: dict[str, torch.Tensor]) -> dict[str, object]:
     return {
         "linear": lambda: F.linear(x, w, b),
         "relu": lambda: F.relu(x * 1),
-        "linear_relu": lambda: F.linear_relu(x, w, b),
         "cross_entropy": lambda: F.cross_entropy(x @ w.t(), y, label_smoothing=0.1),
         "l2_penalty": lambda: F.l2_penalty([w, b], 0.3),
     }
@@ -37,7 +36,6 @@ def _calls(t: dict[str, torch.Tensor]) -> dict[str, object]:
 _NATIVE_GRAD_FN = {
     "linear": "AddmmBackward0",
     "relu": "ReluBackward0",
-    "linear_relu": "ReluBackward0",
     "cross_entropy": "AddBackward0",  # label smoothing: (1 - eps) nll + eps smooth, natively
     "l2_penalty": "MulBackward0",
 }

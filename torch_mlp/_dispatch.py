@@ -15,9 +15,10 @@ from typing import Any, NamedTuple
 import torch
 from torch.autograd import Function
 
-from ._checks import transforms_active
-
 __all__ = ["Variants", "apply", "native_enabled", "use_native", "variants"]
+
+# Whether a torch.func transform (vmap, grad, jvp, ...) is running: picks the Function variant.
+transforms_active = torch._C._are_functorch_transforms_active
 
 # A ContextVar: per thread and per asyncio task, and each `with` restores what it found.
 _NATIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("torch_mlp_native", default=False)
@@ -32,7 +33,7 @@ def native_enabled() -> bool:
 def use_native(enabled: bool = True) -> Iterator[None]:
     """Run torch_mlp's wrappers and modules on the native torch ops inside the block.
 
-    Under it, ``linear``, ``relu``, ``linear_relu``, ``cross_entropy`` and ``l2_penalty`` (and
+    Under it, ``linear``, ``relu``, ``cross_entropy`` and ``l2_penalty`` (and
     the modules that call them) compute with ``torch.nn.functional``'s ops, whose backward is
     autograd's, instead of the hand-derived Functions. Re-entrant, per thread (a ContextVar);
     ``use_native(False)`` switches back to the hand-derived Functions for an inner block.
