@@ -9,8 +9,8 @@
 3. In-place ReLU and autograd's version counter.
 4. torch.func: vmap over each functional, and jvp.
 5. Bad input: each raises, with a message naming the argument and the shapes or values.
-6. Dtypes and edge shapes: complex Linear, complex refusals, zero-size Linear layouts, ReLU over
-   every dtype, cross-entropy on meta tensors, with zero classes and unbatched (1,) targets.
+6. Dtypes and edge shapes: complex Linear, zero-size Linear layouts, ReLU over
+   every dtype, cross-entropy on meta tensors and unbatched (1,) targets.
 7. The L2 value's accuracy against the native formula's.
 8. Native's edges a drop-in user meets: autocast's cast of the class weight, in-place ReLU's
    refusals and version counter, every bias / weight layout of linear, probability targets of
@@ -525,7 +525,8 @@ def test_relu_inplace_overwrites_input_and_marks_it_dirty():
     assert out.data_ptr() == u.data_ptr()
     assert u._version > version
     assert (u >= 0).all()
-    assert u.grad_fn is not None and "ReLUFunction" in type(u.grad_fn).__name__
+    # copy_'s backward hands the gradient to the hand-derived Function's
+    assert any("ReLUFunction" in type(f).__name__ for f, _ in u.grad_fn.next_functions if f)
     (grad,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(grad, (x.detach() > 0).float())
 
@@ -694,92 +695,131 @@ def _z() -> Tensor:
     return torch.randn(3, 4)
 
 
+# Refused by torch_mlp before any kernel runs, naming the argument: (id, call, message pattern).
+# Each is a ValueError, and a RuntimeError as native's refusals are.
 BAD_INPUT = [
-    # (id, call, exception, message pattern)
     ("ce-batch-size-mismatch", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2, 3, 0])),
-     ValueError, r"Expected input batch_size \(3\) to match target batch_size \(5\)"),
-    ("ce-target-too-large", lambda: F.cross_entropy(_z(), torch.tensor([0, 4, 1])),
-     IndexError, r"target 4 is out of bounds.*\[0, 4\).*ignore_index \(-100\)"),
-    ("ce-target-negative", lambda: F.cross_entropy(_z(), torch.tensor([0, -1, 1])),
-     IndexError, r"target -1 is out of bounds.*\[0, 4\)"),
-    ("ce-target-negative-not-ignore_index",
-     lambda: F.cross_entropy(_z(), torch.tensor([0, -100, 1]), ignore_index=-1),
-     IndexError, r"target -100 is out of bounds.*ignore_index \(-1\)"),
-    ("ce-kdim-target-out-of-range",
-     lambda: F.cross_entropy(torch.randn(2, 4, 3), torch.tensor([[0, 1, 2], [3, 9, 0]])),
-     IndexError, r"target 9 is out of bounds"),
+     r"Expected input batch_size \(3\) to match target batch_size \(5\)"),
     ("ce-prob-target-wrong-shape", lambda: F.cross_entropy(_z(), torch.rand(3, 5)),
-     ValueError, r"class-probability target must have the input's shape \(3, 4\), got \(3, 5\)"),
+     r"class-probability target must have the input's shape \(3, 4\), got \(3, 5\)"),
     ("ce-prob-target-flat", lambda: F.cross_entropy(_z(), torch.rand(3)),
-     ValueError, r"class-probability target must have the input's shape \(3, 4\), got \(3,\)"),
-    ("ce-target-int32", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2], dtype=torch.int32)),
-     TypeError, r"target of dtype torch.int64.*got torch.int32"),
+     r"class-probability target must have the input's shape \(3, 4\), got \(3,\)"),
     ("ce-kdim-target-wrong-shape",
      lambda: F.cross_entropy(torch.randn(2, 4, 3), torch.tensor([0, 1])),
-     ValueError, r"expected target of shape \(2, 3\) for input of shape \(2, 4, 3\), got \(2,\)"),
+     r"expected target of shape \(2, 3\) for input of shape \(2, 4, 3\), got \(2,\)"),
+    ("ce-kdim-target-transposed",  # the same numel: flattening would read it in the wrong order
+     lambda: F.cross_entropy(torch.randn(2, 4, 3, 5), torch.zeros(2, 5, 3, dtype=torch.long)),
+     r"expected target of shape \(2, 3, 5\) for input of shape \(2, 4, 3, 5\), got \(2, 5, 3\)"),
     ("ce-invalid-reduction", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
                                                      reduction="elementwise_mean"),
-     ValueError, r"elementwise_mean is not a valid value for reduction"),
+     r"elementwise_mean is not a valid value for reduction"),
     ("ce-label_smoothing-above-one", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
                                                              label_smoothing=1.5),
-     ValueError, r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
+     r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
     ("ce-weight-wrong-shape", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
                                                       weight=torch.ones(3)),
-     ValueError, r"expected weight of shape \(4,\) \(one per class\), got \(3,\)"),
-    ("ce-weight-dtype-mismatch", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
-                                                         weight=torch.ones(4, dtype=torch.float64)),
-     RuntimeError, r"input and weight to have the same dtype.*torch.float32.*torch.float64"),
-    ("ce-target-on-other-device",
-     lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2], device="meta")),
-     RuntimeError, r"expected target on cpu like input, got meta"),
-    ("ce-weight-on-other-device", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
-                                                          weight=torch.ones(4, device="meta")),
-     RuntimeError, r"same device, but input is on cpu and weight is on meta"),
-    ("ce-integer-logits", lambda: F.cross_entropy(torch.ones(3, 4, dtype=torch.int64),
-                                                  torch.tensor([0, 1, 2])),
-     TypeError, r"expected floating-point input \(logits\), got torch.int64"),
-    ("linear-wrong-feature-dim", lambda: F.linear(torch.randn(5, 3), torch.randn(4, 6)),
-     ValueError, r"input's last dimension \(3\) does not match weight's in_features \(6\): "
-     r"input shape \(5, 3\), weight shape \(4, 6\)"),
-    ("linear-dtype-mismatch",
-     lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3, dtype=torch.float64)),
-     RuntimeError, r"input and weight to have the same dtype.*torch.float32.*torch.float64"),
-    ("linear-bias-dtype-mismatch", lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3),
-                                                    torch.randn(4, dtype=torch.float64)),
-     RuntimeError, r"input and bias to have the same dtype"),
-    ("linear-weight-on-other-device",
-     lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3, device="meta")),
-     RuntimeError, r"same device, but input is on cpu and weight is on meta"),
+     r"expected a class weight of shape \(4,\).*got shape \(3,\)"),
+    ("ce-weight-one-element",  # would broadcast over the classes in the general path
+     lambda: F.cross_entropy(_z(), torch.rand(3, 4), weight=torch.ones(1)),
+     r"expected a class weight of shape \(4,\).*got shape \(1,\)"),
+    ("ce-weight-requires-grad", lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
+                                                        weight=torch.ones(4, requires_grad=True)),
+     r"does not require grad.*weight.detach\(\).*requires_grad=True"),
+    ("ce-zero-classes", lambda: F.cross_entropy(torch.randn(3, 0), torch.tensor([0, 1, 2])),
+     r"with C ≥ 1 classes, got \(3, 0\)"),
+    ("ce-0d-input", lambda: F.cross_entropy(torch.tensor(1.0), torch.tensor(0)),
+     r"expected input of shape \(C\), \(N, C\) or \(N, C, d1, ...\)"),
     ("linear-bias-wrong-shape", lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3),
                                                  torch.randn(3)),
-     ValueError, r"bias of shape \(3,\) does not broadcast to the output's shape \(5, 4\)"),
+     r"expected bias of shape \(out_features,\).*output's shape \(5, 4\).*got bias \(3,\)"),
+    ("linear-bias-enlarges-output",
+     lambda: F.linear(torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(4, 2, 3, 5)),
+     r"output's shape \(2, 3, 5\).*got bias \(4, 2, 3, 5\)"),
+    ("linear-weight-1d-with-bias", lambda: F.linear(torch.randn(2, 4), torch.randn(4),
+                                                    torch.randn(())),
+     r"with a 2-D weight, got bias \(\) and weight \(4,\)"),
     ("linear-weight-3d", lambda: F.linear(torch.randn(5, 3), torch.randn(2, 4, 3)),
-     ValueError, r"expected weight to be 1-D or 2-D.*got shape \(2, 4, 3\)"),
-    ("l2-negative-lam", lambda: F.l2_penalty([torch.randn(2, 2)], -0.1),
-     ValueError, r"lam must be non-negative, got -0.1"),
-    ("l2-nan-lam", lambda: F.l2_penalty([torch.randn(2, 2)], float("nan")),
-     ValueError, r"lam must be non-negative, got nan"),
-    ("l2-no-weights", lambda: F.l2_penalty([], 0.1),
-     ValueError, r"expected at least one weight tensor"),
-    ("l2-integer-weight", lambda: F.l2_penalty([torch.ones(2, dtype=torch.int64)], 0.1),
-     TypeError, r"weights\[0\] must be a floating-point tensor"),
-    ("l2-dtype-mismatch",
-     lambda: F.l2_penalty([torch.randn(2), torch.randn(2, dtype=torch.float64)], 0.1),
-     RuntimeError, r"weights\[0\] and weights\[1\] to have the same dtype"),
-    ("l2-device-mismatch", lambda: F.l2_penalty([torch.randn(2), torch.randn(2, device="meta")],
-                                                0.1),
-     RuntimeError, r"weights\[0\] is on cpu and weights\[1\] is on meta"),
+     r"expected weight of shape \(out_features, in_features\).*got weight \(2, 4, 3\)"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("call", "exc", "match"),
-    [case[1:] for case in BAD_INPUT],
-    ids=[case[0] for case in BAD_INPUT],
-)
-def test_bad_input_raises_clear_error(call, exc, match):
+@pytest.mark.parametrize(("call", "match"), [case[1:] for case in BAD_INPUT],
+                         ids=[case[0] for case in BAD_INPUT])
+def test_bad_input_raises_clear_error(call, match):
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert isinstance(info.value, RuntimeError)  # code written against native's catches it
+
+
+L2_BAD_INPUT = [
+    ("negative-lam", lambda: F.l2_penalty([torch.randn(2, 2)], -0.1), ValueError,
+     r"lam must be a non-negative Python number, got -0.1"),
+    ("nan-lam", lambda: F.l2_penalty([torch.randn(2, 2)], float("nan")), ValueError,
+     r"lam must be a non-negative Python number, got nan"),
+    ("tensor-lam", lambda: F.l2_penalty([torch.randn(2, 2)], torch.tensor(0.1)), ValueError,
+     r"lam must be a non-negative Python number, got tensor"),
+    ("no-weights", lambda: F.l2_penalty([], 0.1), ValueError,
+     r"expected at least one weight tensor"),
+    ("integer-weight", lambda: F.l2_penalty([torch.ones(2, dtype=torch.int64)], 0.1), TypeError,
+     r"weights\[0\] must be a real floating-point tensor, got torch.int64"),
+    ("complex-weight", lambda: F.l2_penalty([torch.ones(2, dtype=torch.complex64)], 0.1),
+     TypeError, r"weights\[0\] must be a real floating-point tensor, got torch.complex64"),
+    ("not-a-tensor", lambda: F.l2_penalty([torch.ones(2), [1.0]], 0.1), TypeError,
+     r"weights\[1\] must be a real floating-point tensor, got list"),
+]
+
+
+@pytest.mark.parametrize(("call", "exc", "match"), [case[1:] for case in L2_BAD_INPUT],
+                         ids=[case[0] for case in L2_BAD_INPUT])
+def test_l2_penalty_bad_input_raises_clear_error(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# Refused by the kernel itself, as native refuses them: (id, ours, native). Ours must raise
+# native's exception type with native's message (no check of ours in front).
+KERNEL_REFUSALS = {
+    "ce-target-too-large": (lambda: F.cross_entropy(_z(), torch.tensor([0, 4, 1])),
+                            lambda: TF.cross_entropy(_z(), torch.tensor([0, 4, 1]))),
+    "ce-target-negative": (lambda: F.cross_entropy(_z(), torch.tensor([0, -1, 1])),
+                           lambda: TF.cross_entropy(_z(), torch.tensor([0, -1, 1]))),
+    "ce-target-not-ignore-index": (
+        lambda: F.cross_entropy(_z(), torch.tensor([0, -100, 1]), ignore_index=-1),
+        lambda: TF.cross_entropy(_z(), torch.tensor([0, -100, 1]), ignore_index=-1)),
+    "ce-kdim-target-out-of-range": (
+        lambda: F.cross_entropy(torch.randn(2, 4, 3), torch.tensor([[0, 1, 2], [3, 9, 0]])),
+        lambda: TF.cross_entropy(torch.randn(2, 4, 3), torch.tensor([[0, 1, 2], [3, 9, 0]]))),
+    "ce-target-int32": (
+        lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2], dtype=torch.int32)),
+        lambda: TF.cross_entropy(_z(), torch.tensor([0, 1, 2], dtype=torch.int32))),
+    "ce-weight-dtype": (
+        lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]), weight=torch.ones(4).double()),
+        lambda: TF.cross_entropy(_z(), torch.tensor([0, 1, 2]), weight=torch.ones(4).double())),
+    "ce-target-device": (
+        lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2], device="meta")),
+        lambda: TF.cross_entropy(_z(), torch.tensor([0, 1, 2], device="meta"))),
+    "ce-integer-logits": (
+        lambda: F.cross_entropy(torch.ones(3, 4, dtype=torch.int64), torch.tensor([0, 1, 2])),
+        lambda: TF.cross_entropy(torch.ones(3, 4, dtype=torch.int64), torch.tensor([0, 1, 2]))),
+    "linear-feature-dim": (lambda: F.linear(torch.randn(5, 3), torch.randn(4, 6)),
+                           lambda: TF.linear(torch.randn(5, 3), torch.randn(4, 6))),
+    "linear-dtype": (lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3).double()),
+                     lambda: TF.linear(torch.randn(5, 3), torch.randn(4, 3).double())),
+    "relu-complex": (lambda: F.relu(torch.randn(3, dtype=torch.complex64)),
+                     lambda: TF.relu(torch.randn(3, dtype=torch.complex64))),
+    "relu-bool": (lambda: F.relu(torch.ones(3, dtype=torch.bool)),
+                  lambda: TF.relu(torch.ones(3, dtype=torch.bool))),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_REFUSALS), ids=list(KERNEL_REFUSALS))
+def test_kernel_refusals_are_natives_own(name):
+    ours, native = KERNEL_REFUSALS[name]
+    with pytest.raises(Exception) as ref:
+        native()
+    with pytest.raises(type(ref.value)) as info:
+        ours()
+    assert str(info.value).splitlines()[0] == str(ref.value).splitlines()[0]
 
 
 def test_ignore_index_targets_outside_range_are_accepted():
@@ -811,29 +851,6 @@ def test_linear_complex64_matches_native(shape):
     assert out.dtype == torch.complex64 and len(grads) == 3
 
 
-COMPLEX_REFUSALS = {
-    "relu": (lambda: F.relu(torch.randn(3, dtype=torch.complex64)), r"relu: complex"),
-    "relu-inplace": (lambda: F.relu(torch.randn(3, dtype=torch.complex64), inplace=True),
-                     r"relu: complex"),
-    "linear_relu": (lambda: F.linear_relu(torch.randn(2, 3, dtype=torch.complex64),
-                                          torch.randn(4, 3, dtype=torch.complex64)),
-                    r"linear_relu: complex input is not supported.*torch.complex64"),
-    "cross_entropy": (lambda: F.cross_entropy(torch.randn(2, 3, dtype=torch.complex64),
-                                              torch.tensor([0, 1])),
-                      r"cross_entropy: expected floating-point input.*torch.complex64"),
-    "l2_penalty": (lambda: F.l2_penalty([torch.randn(2, 3, dtype=torch.complex64)], 0.1),
-                   r"l2_penalty: weights\[0\] must be a floating-point tensor, got "
-                   r"torch.complex64 \(complex weights are not supported\)"),
-}
-
-
-@pytest.mark.parametrize("name", list(COMPLEX_REFUSALS), ids=list(COMPLEX_REFUSALS))
-def test_complex_is_refused_where_relu_is_involved_or_native_refuses(name):
-    call, match = COMPLEX_REFUSALS[name]
-    with pytest.raises(TypeError, match=match):
-        call()
-
-
 # (x shape, weight shape, bias): every zero-size layout F.linear takes, and 1-D inputs.
 LINEAR_EDGE_SHAPES = {
     "zero-in-leading-dims": ((2, 3, 0), (4, 0), True),
@@ -860,10 +877,6 @@ def test_linear_edge_shapes_match_native_forward_and_backward(name):
     assert [g.shape for g in grads] == [a.shape for a in args if a is not None]
     assert torch.autograd.gradcheck(F.linear, tuple(args))
     assert torch.autograd.gradgradcheck(F.linear, tuple(args))
-    params = [a for a in args if a is not None]
-    fused = F.linear_relu(*args)  # the fused Function shares linear's backward
-    torch.testing.assert_close(torch.autograd.grad(fused.sum(), params),
-                               torch.autograd.grad(TF.relu(TF.linear(*args)).sum(), params))
 
 
 RELU_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -876,8 +889,8 @@ def test_relu_every_dtype_matches_native_or_both_refuse(dtype, inplace):
     t = torch.tensor([-3, -1, 0, 2, 5]).to(dtype)
     try:
         expected = TF.relu(t.clone(), inplace=inplace)
-    except (NotImplementedError, RuntimeError, TypeError):
-        with pytest.raises(TypeError, match=rf"relu: .*{dtype}"):
+    except (NotImplementedError, RuntimeError, TypeError) as e:
+        with pytest.raises(type(e)):
             F.relu(t.clone(), inplace=inplace)
         return
     out = F.relu(t.clone(), inplace=inplace)
@@ -885,14 +898,19 @@ def test_relu_every_dtype_matches_native_or_both_refuse(dtype, inplace):
     assert torch.equal(out, expected)
 
 
-def test_cross_entropy_probability_target_refuses_ignore_index_as_native():
+@pytest.mark.parametrize("ignore_index", [0, 1, -1, -100, -7])
+def test_cross_entropy_probability_target_takes_ignore_index_as_native(ignore_index):
+    # Native refuses only a non-negative ignore_index there, and ignores a negative one.
     z, p = torch.randn(3, 4), torch.softmax(torch.randn(3, 4), 1)
-    with pytest.raises(RuntimeError, match="ignore_index is not supported"):
-        TF.cross_entropy(z, p, ignore_index=1)
-    with pytest.raises(ValueError, match=r"ignore_index is not supported for class-probability "
-                                         r"\(floating-point\) targets, got ignore_index=1"):
-        F.cross_entropy(z, p, ignore_index=1)
-    torch.testing.assert_close(F.cross_entropy(z, p, ignore_index=-100), TF.cross_entropy(z, p))
+    if ignore_index >= 0:
+        with pytest.raises(RuntimeError, match="ignore_index is not supported"):
+            TF.cross_entropy(z, p, ignore_index=ignore_index)
+        with pytest.raises(RuntimeError, match=r"ignore_index is not supported for floating "
+                                               rf"point target, got ignore_index={ignore_index}"):
+            F.cross_entropy(z, p, ignore_index=ignore_index)
+        return
+    torch.testing.assert_close(F.cross_entropy(z, p, ignore_index=ignore_index),
+                               TF.cross_entropy(z, p, ignore_index=ignore_index))
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -909,23 +927,6 @@ def test_cross_entropy_on_meta_tensors_returns_a_meta_tensor(target, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("shape", [(3, 0), (3, 0, 2), (0,)], ids=["2d", "kdim", "unbatched"])
-def test_cross_entropy_zero_classes_probability_target_matches_native(shape, label_smoothing,
-                                                                      reduction):
-    z = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    t = torch.rand(*shape, dtype=torch.float64)
-    kw = {"reduction": reduction, "label_smoothing": label_smoothing}
-    out = F.cross_entropy(z, t, **kw)
-    ref = TF.cross_entropy(z, t, **kw)
-    torch.testing.assert_close(out, ref, equal_nan=True)
-    if reduction == "mean":
-        assert torch.isnan(out)  # native: 0 / (numel / C) with C = 0
-    (grad,) = torch.autograd.grad(out, z, torch.ones_like(out))
-    assert grad.shape == z.shape
-
-
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("target", [2, -100], ids=["class", "ignored"])
 def test_cross_entropy_unbatched_input_takes_a_one_element_target_as_native(target, reduction):
     # Native reads a (1,) target of a (C) input as the () one in forward; its own backward
@@ -939,11 +940,11 @@ def test_cross_entropy_unbatched_input_takes_a_one_element_target_as_native(targ
     (grad,) = torch.autograd.grad(out, z)
     (ref_grad,) = torch.autograd.grad(TF.cross_entropy(z, torch.tensor(target), **kw), z)
     torch.testing.assert_close(grad, ref_grad, equal_nan=True)
-    with pytest.raises(ValueError, match=r"expected target of shape \(\), or \(1,\) without "
-                                         r"label smoothing, got \(2,\)"):
+    with pytest.raises(ValueError, match=r"expected target of shape \(\) for input of shape "
+                                         r"\(4,\), got \(2,\)"):
         F.cross_entropy(z, torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match=r"without label smoothing, got \(1,\)"):
-        F.cross_entropy(z, torch.tensor([1]), label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"expected target of shape \(\).*got \(1,\)"):
+        F.cross_entropy(z, torch.tensor([1]), label_smoothing=0.1)  # native's forward fails
 
 
 # --------------------------------------------------------------------------------------------
@@ -1000,7 +1001,7 @@ def test_cross_entropy_float64_weight_under_autocast_is_refused_as_native():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(RuntimeError, match="Double"):
             TF.cross_entropy(z, t, weight=w)
-        with pytest.raises(RuntimeError, match=r"weight: torch\.float64"):
+        with pytest.raises(RuntimeError, match="Double"):
             F.cross_entropy(z, t, weight=w)
 
 
@@ -1106,34 +1107,6 @@ def test_linear_takes_every_bias_and_weight_layout_native_takes(name):
     assert [g.shape for g in grads] == [a.shape for a in args if a is not None]
     assert torch.autograd.gradcheck(F.linear, tuple(args), check_forward_ad=True)
     assert torch.autograd.gradgradcheck(F.linear, tuple(args))
-    params = [a for a in args if a is not None]
-    torch.testing.assert_close(  # the fused Function shares linear's backward
-        torch.autograd.grad(F.linear_relu(*args).sum(), params),
-        torch.autograd.grad(TF.relu(TF.linear(*args)).sum(), params))
-
-
-# Layouts F.linear refuses, or takes only in some memory layouts: refused, with a RuntimeError
-# as native's. (x shape, weight shape, bias shape, message)
-LINEAR_REFUSED = {
-    "bias-enlarges-output": ((2, 3, 4), (5, 4), (4, 2, 3, 5), r"bias of shape \(4, 2, 3, 5\) "
-                             r"does not broadcast to the output's shape \(2, 3, 5\)"),
-    "bias-wrong-size": ((3, 4), (5, 4), (4,), r"does not broadcast to the output's shape"),
-    "bias-2d-1d-input": ((4,), (5, 4), (1, 5), r"does not broadcast to the output's shape \(5,\)"),
-    "weight-1d-with-bias": ((2, 3, 4), (4,), (), r"a bias with a 1-D weight is not supported"),
-    "weight-0d": ((3, 4), (), None, r"expected weight to be 1-D or 2-D"),
-    "weight-3d": ((3, 4), (2, 5, 4), None, r"expected weight to be 1-D or 2-D"),
-    "weight-1d-wrong-size": ((3, 4), (3,), None, r"input's last dimension \(4\) does not match"),
-}
-
-
-@pytest.mark.parametrize("name", list(LINEAR_REFUSED), ids=list(LINEAR_REFUSED))
-def test_linear_refuses_what_it_cannot_match_with_a_runtime_error(name):
-    x_shape, w_shape, b_shape, match = LINEAR_REFUSED[name]
-    args = [torch.randn(x_shape), torch.randn(w_shape),
-            None if b_shape is None else torch.randn(b_shape)]
-    with pytest.raises(RuntimeError, match=match) as info:
-        F.linear(*args)
-    assert isinstance(info.value, ValueError)  # both: code written against either catches it
 
 
 @pytest.mark.parametrize("target_dtype", [torch.float64, torch.float16, torch.bfloat16],
@@ -1172,58 +1145,6 @@ def test_cross_entropy_label_smoothing_nan_or_negative_is_none_as_native(target,
     torch.testing.assert_close(out, TF.cross_entropy(z, t))  # as label_smoothing=0
     module = torch_mlp.CrossEntropyLoss(label_smoothing=label_smoothing)
     torch.testing.assert_close(module(z, t), out)
-
-
-# Refusals that native raises as one exception type and torch_mlp, to name the argument, as
-# another: torch_mlp's error is an instance of both. (ours, native, ours's own type)
-DUAL_TYPE_REFUSALS = {
-    "ce-weight-size": (lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
-                                               weight=torch.ones(3)),
-                       lambda: TF.cross_entropy(_z(), torch.tensor([0, 1, 2]),
-                                                weight=torch.ones(3)), ValueError),
-    "ce-target-shape": (lambda: F.cross_entropy(torch.randn(2, 4, 3), torch.tensor([0, 1])),
-                        lambda: TF.cross_entropy(torch.randn(2, 4, 3), torch.tensor([0, 1])),
-                        ValueError),
-    "ce-batch-size": (lambda: F.cross_entropy(_z(), torch.tensor([0, 1])),
-                      lambda: TF.cross_entropy(_z(), torch.tensor([0, 1])), ValueError),
-    "ce-prob-target-shape": (lambda: F.cross_entropy(_z(), torch.rand(3, 5)),
-                             lambda: TF.cross_entropy(_z(), torch.rand(3, 5)), ValueError),
-    "ce-label-smoothing": (lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]),
-                                                   label_smoothing=1.5),
-                           lambda: TF.cross_entropy(_z(), torch.tensor([0, 1, 2]),
-                                                    label_smoothing=1.5), ValueError),
-    "ce-target-int32": (lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2], dtype=torch.int32)),
-                        lambda: TF.cross_entropy(_z(), torch.tensor([0, 1, 2],
-                                                                    dtype=torch.int32)),
-                        TypeError),
-    "ce-integer-logits": (lambda: F.cross_entropy(torch.ones(3, 4, dtype=torch.int64),
-                                                  torch.tensor([0, 1, 2])),
-                          lambda: TF.cross_entropy(torch.ones(3, 4, dtype=torch.int64),
-                                                   torch.tensor([0, 1, 2])), TypeError),
-    "ce-complex-logits": (lambda: F.cross_entropy(torch.ones(3, 4, dtype=torch.complex64),
-                                                  torch.tensor([0, 1, 2])),
-                          lambda: TF.cross_entropy(torch.ones(3, 4, dtype=torch.complex64),
-                                                   torch.tensor([0, 1, 2])), TypeError),
-    "relu-complex": (lambda: F.relu(torch.randn(3, dtype=torch.complex64)),
-                     lambda: TF.relu(torch.randn(3, dtype=torch.complex64)), TypeError),
-    "relu-bool": (lambda: F.relu(torch.ones(3, dtype=torch.bool)),
-                  lambda: TF.relu(torch.ones(3, dtype=torch.bool)), TypeError),
-    "linear-feature-dim": (lambda: F.linear(torch.randn(5, 3), torch.randn(4, 6)),
-                           lambda: TF.linear(torch.randn(5, 3), torch.randn(4, 6)), ValueError),
-    "linear-bias-size": (lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3), torch.randn(3)),
-                         lambda: TF.linear(torch.randn(5, 3), torch.randn(4, 3), torch.randn(3)),
-                         ValueError),
-}
-
-
-@pytest.mark.parametrize("name", list(DUAL_TYPE_REFUSALS), ids=list(DUAL_TYPE_REFUSALS))
-def test_refusals_are_instances_of_native_exception_type_too(name):
-    ours, native, own = DUAL_TYPE_REFUSALS[name]
-    with pytest.raises(Exception) as ref:
-        native()
-    with pytest.raises(own) as info:
-        ours()
-    assert isinstance(info.value, type(ref.value)), (type(info.value), type(ref.value))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -45,23 +45,31 @@ def autocast_to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    """A bias must be (H,): ``F.linear`` broadcasts others, which the derivation does not."""
+    """Shapes ``x + bias`` would broadcast into a larger output than ``F.linear``'s."""
     if weight.dim() not in (1, 2) or x.dim() == 0:
         raise ArgumentError(
             f"linear: expected weight of shape (out_features, in_features) or (in_features,) "
             f"and input with at least 1 dimension, got weight {tuple(weight.shape)} and input "
             f"{tuple(x.shape)}"
         )
-    if bias is not None and (weight.dim() == 1 or bias.shape != weight.shape[:1]):
+    if bias is None or bias.shape == weight.shape[:1]:
+        return
+    out = (*x.shape[:-1], weight.shape[0])
+    try:  # F.linear also takes a bias that broadcasts to the output without enlarging it
+        fits = weight.dim() == 2 and torch.broadcast_shapes(bias.shape, out) == out
+    except RuntimeError:
+        fits = False
+    if not fits:
         raise ArgumentError(
-            f"linear: expected bias of shape (out_features,) = {tuple(weight.shape[:1])} with a "
-            f"2-D weight, got bias {tuple(bias.shape)} and weight {tuple(weight.shape)}"
+            f"linear: expected bias of shape (out_features,) or one that broadcasts to the "
+            f"output's shape {out} with a 2-D weight, got bias {tuple(bias.shape)} and weight "
+            f"{tuple(weight.shape)}"
         )
 
 
 def check_reduction(reduction: str) -> None:
     if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"{reduction} is not a valid value for reduction")  # as native
+        raise ArgumentError(f"{reduction} is not a valid value for reduction")  # as native
 
 
 def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
