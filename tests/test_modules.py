@@ -1,10 +1,12 @@
-"""torch_mlp's modules against torch.nn's: constructors, initialisation, repr, state_dicts,
-forward/backward parity, the MLP (with its L2 term) against a native nn.Sequential,
-torch.func over the MLP, and bad input."""
+"""torch_mlp's modules against torch.nn's: the twins are torch.nn's classes with only forward
+overridden; constructors, initialisation, repr, state_dicts, forward/backward parity (in-place
+ReLU included), the MLP (with its L2 term) against a native nn.Sequential, torch.func over the
+MLP, a patched forward, and bad input."""
 
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 
 import pytest
@@ -33,16 +35,72 @@ def _native_mlp(sizes: list[int], bias: bool = True, **factory) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
 # --------------------------------------------------------------------------------------------
-# drop-in twins
+# the twins are torch.nn's classes
 # --------------------------------------------------------------------------------------------
+class _ForwardOnly(nn.Module):
+    """A class with a docstring and one method: what Python itself puts in such a class's dict."""
+
+    def forward(self, input):
+        return input
+
+
+# E.g. {'__module__', '__doc__', 'forward'}, plus '__firstlineno__' and '__static_attributes__'
+# from Python 3.13 on.
+FORWARD_ONLY = set(vars(_ForwardOnly))
+
+
+def _defines_forward_only(cls: type) -> bool:
+    return set(vars(cls)) == FORWARD_ONLY and inspect.isfunction(vars(cls)["forward"])
+
+
 @pytest.mark.parametrize(("ours", "native"), TWINS, ids=TWIN_IDS)
-def test_constructor_signature_matches_torch_nn(ours, native):
-    # Names, order, kinds and defaults (annotations are strings here, so not compared).
+def test_twin_is_a_subclass_of_its_torch_nn_class_defining_forward_only(ours, native):
+    assert ours.__bases__ == (native,)
+    assert _defines_forward_only(ours), sorted(set(vars(ours)) - FORWARD_ONLY)
+    assert vars(ours)["forward"] is not vars(native)["forward"]
+
+
+def test_forward_only_check_catches_a_twin_that_defines_more():
+    class Wider(nn.Linear):
+        """A docstring."""
+
+        def forward(self, input):
+            return input
+
+        def extra_repr(self):
+            return "wider"
+
+    class NoForward(nn.Linear):
+        """A docstring."""
+
+    assert not _defines_forward_only(Wider)
+    assert not _defines_forward_only(NoForward)
+
+
+def test_isinstance_holds_for_every_twin():
+    assert isinstance(torch_mlp.Linear(2, 3), nn.Linear)
+    assert isinstance(torch_mlp.ReLU(), nn.ReLU)
+    assert isinstance(torch_mlp.CrossEntropyLoss(), nn.CrossEntropyLoss)
+
+
+def test_mlp_is_an_nn_sequential_with_sequentials_forward():
+    assert torch_mlp.MLP.__bases__ == (nn.Sequential,)
+    assert "forward" not in vars(torch_mlp.MLP)  # one forward path: nn.Sequential's
+    assert isinstance(torch_mlp.MLP(3, [4], 2), nn.Sequential)
+
+
+@pytest.mark.parametrize(("ours", "native"), TWINS, ids=TWIN_IDS)
+@pytest.mark.parametrize("method", ["__init__", "forward"])
+def test_constructor_and_forward_signatures_match_torch_nn(ours, native, method):
+    # Names, order, kinds and defaults (annotations may be strings here, so not compared).
     def params(cls):
-        return [
-            (p.name, p.kind, p.default) for p in inspect.signature(cls.__init__).parameters.values()
-        ]
+        sig = inspect.signature(getattr(cls, method))
+        return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
 
     assert params(ours) == params(native)
 
@@ -103,11 +161,14 @@ def test_repr_and_extra_repr_match_torch_nn(make):
     assert repr(ours) == repr(native)
 
 
-def test_mlp_repr_lists_torch_mlp_layers():
-    r = repr(torch_mlp.MLP(4, [3], 2))
-    assert "(0): Linear(in_features=4, out_features=3, bias=True)" in r
-    assert "(1): ReLU()" in r
-    assert "(2): Linear(in_features=3, out_features=2, bias=True)" in r
+def test_mlp_repr_lists_its_layers():
+    assert repr(torch_mlp.MLP(4, [3], 2)) == (
+        "MLP(\n"
+        "  (0): Linear(in_features=4, out_features=3, bias=True)\n"
+        "  (1): ReLU()\n"
+        "  (2): Linear(in_features=3, out_features=2, bias=True)\n"
+        ")"
+    )
 
 
 STATE_PAIRS = {
@@ -131,6 +192,7 @@ def test_state_dict_loads_both_ways(pair, direction):
     assert list(src.state_dict()) == list(dst.state_dict())
     for k, v in src.state_dict().items():
         assert v.shape == dst.state_dict()[k].shape
+    assert not any(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
     result = dst.load_state_dict(src.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     for k, v in src.state_dict().items():
@@ -164,8 +226,8 @@ def test_cross_entropy_weight_is_a_buffer_like_torch_nn():
     ours64 = ours.to(torch.float64)
     assert ours64.weight.dtype == torch.float64  # buffers follow .to() like native
     assert "weight" not in torch_mlp.CrossEntropyLoss().state_dict()
-    assert torch_mlp.CrossEntropyLoss().state_dict().keys() == nn.CrossEntropyLoss().state_dict(
-    ).keys()
+    assert (torch_mlp.CrossEntropyLoss().state_dict().keys()
+            == nn.CrossEntropyLoss().state_dict().keys())
 
 
 @pytest.mark.parametrize(
@@ -212,6 +274,16 @@ def test_linear_and_relu_modules_match_native(dtype):
     torch.testing.assert_close(ours.bias.grad, native.bias.grad)
 
 
+def test_twin_forward_runs_the_hand_derived_function():
+    x = torch.randn(3, 4, requires_grad=True)
+    z = torch.randn(3, 5, requires_grad=True)
+    assert "LinearFunction" in type(torch_mlp.Linear(4, 2)(x).grad_fn).__name__
+    assert "ReLUFunction" in type(torch_mlp.ReLU()(x).grad_fn).__name__
+    loss = torch_mlp.CrossEntropyLoss()(z, torch.tensor([0, 1, 4]))
+    assert "SoftmaxCrossEntropyFunction" in type(loss.grad_fn).__name__
+    assert "LinearFunction" not in type(nn.Linear(4, 2)(x).grad_fn).__name__
+
+
 CE_MODULE_KW = {
     "default": {},
     "weight-ignore-ls": {"weight": torch.tensor([0.5, 1.0, 2.0, 1.5]), "ignore_index": 1,
@@ -232,26 +304,76 @@ def test_cross_entropy_module_matches_native(kw):
     torch.testing.assert_close(torch.autograd.grad(a, z, g)[0], torch.autograd.grad(b, z, g)[0])
 
 
+def _error(call) -> str | None:
+    """The message of the RuntimeError ``call()`` raises (addresses blanked), or None."""
+    try:
+        call()
+    except RuntimeError as e:
+        return re.sub(r"0x[0-9a-f]+", "0x", str(e))
+    return None
+
+
+def _inplace_relu_run(relu: nn.Module, a0: torch.Tensor) -> dict[str, object]:
+    """What a user sees of an in-place ReLU: the result, the input, its version counter and
+    gradients, through a plain tensor, a view, an output autograd saved, and a leaf."""
+    x = a0.clone()
+    version = x._version
+    seen: dict[str, object] = {"same_object": relu(x) is x, "input": x,
+                               "versions": x._version - version}
+    a = a0.clone().requires_grad_()
+    h = a * 1
+    relu(h[1:])  # in place on a view: the base sees it
+    (h * torch.arange(len(a0))).sum().backward()
+    seen.update(base=h.detach(), grad=a.grad)
+    saved = a0.clone().requires_grad_().exp()  # exp saves its output for backward
+    relu(saved)
+    seen["saved-error"] = _error(lambda: saved.sum().backward())
+    seen["leaf-error"] = _error(lambda: relu(a0.clone().requires_grad_()))
+    return seen
+
+
+def _assert_same_run(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+        else:
+            assert a[k] == b[k], k
+
+
+def test_inplace_relu_has_native_semantics():
+    a0 = torch.tensor([-1.0, 2.0, -3.0, 4.0, -0.5, 0.0])
+    ours = _inplace_relu_run(torch_mlp.ReLU(inplace=True), a0)
+    native = _inplace_relu_run(nn.ReLU(inplace=True), a0)
+    assert native["same_object"] and native["versions"] == 1
+    torch.testing.assert_close(native["input"], a0.clamp(min=0), rtol=0, atol=0)
+    assert "leaf Variable that requires grad" in native["leaf-error"]
+    assert "modified by an inplace operation" in native["saved-error"]
+    _assert_same_run(ours, native)
+
+
+def test_inplace_relu_comparison_catches_an_out_of_place_relu():
+    a0 = torch.tensor([-1.0, 2.0, -3.0, 4.0])
+    native = _inplace_relu_run(nn.ReLU(inplace=True), a0)
+    with pytest.raises(AssertionError):
+        _assert_same_run(_inplace_relu_run(torch_mlp.ReLU(inplace=False), a0), native)
+
+
 # --------------------------------------------------------------------------------------------
 # MLP
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("hidden", "kinds"),
-    [
-        ([], ["Linear"]),
-        ([8], ["Linear", "ReLU", "Linear"]),
-        (8, ["Linear", "ReLU", "Linear"]),
-        ((8, 6), ["Linear", "ReLU", "Linear", "ReLU", "Linear"]),
-    ],
+    ("hidden", "sizes"),
+    [([], [5, 3]), ([8], [5, 8, 3]), (8, [5, 8, 3]), ((8, 6), [5, 8, 6, 3])],
     ids=["0-hidden", "1-hidden", "1-hidden-int", "2-hidden"],
 )
-def test_mlp_structure_and_forward_parity(hidden, kinds):
+def test_mlp_structure_and_forward_parity(hidden, sizes):
     model = torch_mlp.MLP(5, hidden, 3)
-    assert [type(m).__name__ for m in model] == kinds
-    assert all(type(m) in (torch_mlp.Linear, torch_mlp.ReLU) for m in model)
-    assert isinstance(model, nn.Sequential)
-    sizes = [5, *([hidden] if isinstance(hidden, int) else hidden), 3]
-    assert model.sizes == tuple(sizes)
+    n = len(sizes) - 1
+    assert [type(m) for m in model] == [torch_mlp.Linear, torch_mlp.ReLU] * (n - 1) + [
+        torch_mlp.Linear]
+    assert [(m.in_features, m.out_features) for m in _linears(model)] == list(
+        zip(sizes[:-1], sizes[1:]))
     native = _native_mlp(sizes)
     native.load_state_dict(model.state_dict())
     x = torch.randn(4, 5)
@@ -260,7 +382,7 @@ def test_mlp_structure_and_forward_parity(hidden, kinds):
 
 def test_mlp_bias_false():
     model = torch_mlp.MLP(5, [4], 3, bias=False)
-    assert all(m.bias is None for m in model.linears())
+    assert all(m.bias is None for m in _linears(model))
     assert [n for n, _ in model.named_parameters()] == ["0.weight", "2.weight"]
 
 
@@ -269,11 +391,11 @@ def test_mlp_l2_penalty_covers_weights_not_biases(hidden):
     model = torch_mlp.MLP(5, hidden, 2, dtype=torch.float64)
     lam = 0.3
     pen = model.l2_penalty(lam)
-    weights = [m.weight for m in model.linears()]
+    weights = [m.weight for m in _linears(model)]
     assert len(weights) == len(hidden) + 1
     torch.testing.assert_close(pen, 0.5 * lam * sum(w.square().sum() for w in weights))
     pen.backward()
-    for m in model.linears():
+    for m in _linears(model):
         torch.testing.assert_close(m.weight.grad, lam * m.weight.detach())  # λW, as derived
         assert m.bias.grad is None  # biases are not penalised
 
@@ -309,6 +431,7 @@ def test_full_mlp_sgd_steps_track_native():
     opt_a = torch.optim.SGD(ours.parameters(), lr=0.1)
     opt_b = torch.optim.SGD(native.parameters(), lr=0.1)
     x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
+    start = {k: v.clone() for k, v in native.state_dict().items()}
     for _ in range(5):
         for model, opt, ce, pen in (
             (ours, opt_a, F.cross_entropy, lambda: ours.l2_penalty(1e-3)),
@@ -319,6 +442,7 @@ def test_full_mlp_sgd_steps_track_native():
             (ce(model(x), y) + pen()).backward()
             opt.step()
     for (k, a), (_, b) in zip(ours.state_dict().items(), native.state_dict().items()):
+        assert not torch.equal(b, start[k]), k  # the steps moved every tensor
         torch.testing.assert_close(a, b, msg=k)
 
 
@@ -363,67 +487,110 @@ def test_torch_func_per_sample_grads_of_mlp_match_native_loop():
             torch.testing.assert_close(per_sample[k][i], p.grad, msg=k)
 
 
+@pytest.mark.parametrize("batch", [5, 10000])
+@pytest.mark.parametrize("where", ["model", "child"])
+def test_mlp_honours_a_patched_instance_forward_at_every_batch_size(where, batch):
+    # As accelerate, peft or a user patch an instance's forward: both models must run the patch.
+    model = torch_mlp.MLP(4, [8], 3)
+    native = _native_mlp([4, 8, 3])
+    native.load_state_dict(model.state_dict())
+    x = torch.randn(batch, 4)
+    unpatched = native(x).detach()
+    for m in (model, native):
+        target = m if where == "model" else m[0]
+        target.forward = lambda x, f=target.forward: f(x) * 2 + 1
+    a, b = model(x), native(x)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(b, unpatched)  # the patch took effect
+    if where == "model":
+        torch.testing.assert_close(a, unpatched * 2 + 1)
+
+
 # --------------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------------
-BAD_MODULE_INPUT = [
-    ("mlp-hidden-0", lambda: torch_mlp.MLP(4, [0], 2),
-     ValueError, r"MLP: hidden_features must be positive integers, got 0"),
-    ("mlp-hidden-int-0", lambda: torch_mlp.MLP(4, 0, 2),
-     ValueError, r"hidden_features must be positive integers, got 0"),
-    ("mlp-second-hidden-negative", lambda: torch_mlp.MLP(4, [3, -2], 2),
-     ValueError, r"hidden_features must be positive integers, got -2"),
-    ("mlp-in_features-0", lambda: torch_mlp.MLP(0, [3], 2),
-     ValueError, r"in_features must be positive integers, got 0"),
-    ("mlp-out_features-float", lambda: torch_mlp.MLP(4, [3], 2.0),
-     ValueError, r"out_features must be positive integers, got 2.0"),
-    ("ce-module-label_smoothing-above-one", lambda: torch_mlp.CrossEntropyLoss(label_smoothing=1.1),
-     ValueError, r"label_smoothing must be between 0.0 and 1.0. Got: 1.1"),
-    ("mlp-in_features-bool", lambda: torch_mlp.MLP(True, [3], 2),
-     ValueError, r"in_features must be positive integers, got True"),
-    ("ce-module-invalid-reduction", lambda: torch_mlp.CrossEntropyLoss(reduction="avg"),
-     ValueError, r"avg is not a valid value for reduction"),
-    ("ce-module-weight-wrong-shape",
-     lambda: torch_mlp.CrossEntropyLoss(weight=torch.ones(5))(torch.randn(3, 4),
+BAD_MLP_SIZES = {
+    "hidden-0": ((4, [0], 2), r"MLP: layer sizes must be positive integers, got \[4, 0, 2\]"),
+    "second-hidden-negative": ((4, [3, -2], 2), r"got \[4, 3, -2, 2\]"),
+    "in_features-0": ((0, [3], 2), r"got \[0, 3, 2\]"),
+    "out_features-float": ((4, [3], 2.0), r"got \[4, 3, 2\.0\]"),
+    "in_features-bool": ((True, [3], 2), r"got \[True, 3, 2\]"),
+    "hidden-str": ((4, "3", 2), r"got \[4, '3', 2\]"),
+}
+
+
+@pytest.mark.parametrize(("args", "match"), list(BAD_MLP_SIZES.values()), ids=list(BAD_MLP_SIZES))
+def test_mlp_bad_sizes_are_refused(args, match):
+    with pytest.raises(ValueError, match=match):
+        torch_mlp.MLP(*args)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="MLP.__init__ calls list(hidden_features) on any hidden_features that "
+                          "is not a positive int: MLP(4, 0, 2) raises \"'int' object is not "
+                          "iterable\", naming neither MLP nor the size")
+@pytest.mark.parametrize("hidden", [0, -3, 3.0, None], ids=["0", "negative", "float", "None"])
+def test_mlp_bad_single_hidden_size_is_refused_naming_it(hidden):
+    with pytest.raises(ValueError, match=r"MLP: layer sizes must be positive integers"):
+        torch_mlp.MLP(4, hidden, 2)
+
+
+# (module call, its native twin's call, the message ours gives); ours raises native's type.
+BAD_MODULE_INPUT = {
+    "ce-label_smoothing-above-one": (
+        lambda nn_: nn_.CrossEntropyLoss(label_smoothing=1.1)(torch.randn(3, 4),
                                                               torch.tensor([0, 1, 2])),
-     ValueError, r"expected weight of shape \(4,\) \(one per class\), got \(5,\)"),
-    ("ce-module-batch-mismatch",
-     lambda: torch_mlp.CrossEntropyLoss()(torch.randn(3, 4), torch.tensor([0, 1])),
-     ValueError, r"Expected input batch_size \(3\) to match target batch_size \(2\)"),
-    ("linear-module-wrong-feature-dim", lambda: torch_mlp.Linear(5, 2)(torch.randn(3, 4)),
-     ValueError, r"input's last dimension \(4\) does not match weight's in_features \(5\)"),
-    ("linear-module-dtype-mismatch",
-     lambda: torch_mlp.Linear(4, 2, dtype=torch.float64)(torch.randn(3, 4)),
-     RuntimeError, r"same dtype.*input: torch.float32 and weight: torch.float64"),
-    ("linear-module-device-mismatch", lambda: torch_mlp.Linear(4, 2, device="meta")(
-        torch.randn(3, 4)),
-     RuntimeError, r"input is on cpu and weight is on meta"),
-    ("mlp-l2-negative-lam", lambda: torch_mlp.MLP(4, [3], 2).l2_penalty(-1.0),
-     ValueError, r"lam must be non-negative, got -1.0"),
-]
+        r"label_smoothing must be between 0.0 and 1.0. Got: 1.1"),
+    "ce-invalid-reduction": (
+        lambda nn_: nn_.CrossEntropyLoss(reduction="avg")(torch.randn(3, 4),
+                                                          torch.tensor([0, 1, 2])),
+        r"avg is not a valid value for reduction"),
+    "ce-weight-wrong-shape": (
+        lambda nn_: nn_.CrossEntropyLoss(weight=torch.ones(5))(torch.randn(3, 4),
+                                                               torch.tensor([0, 1, 2])),
+        r"weight of shape \(4,\) \(one per class\).*\(5,\)"),
+    "ce-batch-mismatch": (
+        lambda nn_: nn_.CrossEntropyLoss()(torch.randn(3, 4), torch.tensor([0, 1])),
+        r"Expected input batch_size \(3\) to match target batch_size \(2\)"),
+    "linear-wrong-feature-dim": (
+        lambda nn_: nn_.Linear(5, 2)(torch.randn(3, 4)),
+        r"mat1 and mat2 shapes cannot be multiplied \(3x4 and 5x2\)"),
+    "linear-dtype-mismatch": (
+        lambda nn_: nn_.Linear(4, 2, dtype=torch.float64)(torch.randn(3, 4)),
+        r"Float and Double"),
+    "linear-device-mismatch": (
+        lambda nn_: nn_.Linear(4, 2, device="meta")(torch.randn(3, 4)),
+        r"meta.*cpu|cpu.*meta"),
+}
 
 
-@pytest.mark.parametrize(
-    ("call", "exc", "match"),
-    [case[1:] for case in BAD_MODULE_INPUT],
-    ids=[case[0] for case in BAD_MODULE_INPUT],
-)
-def test_bad_module_input_raises_clear_error(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
+@pytest.mark.parametrize(("call", "match"), list(BAD_MODULE_INPUT.values()),
+                         ids=list(BAD_MODULE_INPUT))
+def test_bad_module_input_raises_natives_exception_type_with_a_clear_message(call, match):
+    with pytest.raises(Exception) as native:
+        call(nn)
+    with pytest.raises(type(native.value), match=match):
+        call(torch_mlp)
+
+
+def test_l2_penalty_refuses_a_negative_lambda():
+    with pytest.raises(ValueError, match=r"lam must be a non-negative Python number, got -1.0"):
+        torch_mlp.MLP(4, [3], 2).l2_penalty(-1.0)
 
 
 @pytest.mark.parametrize("kind", ["numpy", "tensor"])
 def test_mlp_takes_integer_likes_as_nn_linear(kind):
     np = pytest.importorskip("numpy")
     n = np.int64 if kind == "numpy" else torch.tensor
-    model = torch_mlp.MLP(n(4), [n(3)], n(2))
-    assert model.sizes == (4, 3, 2) and all(type(s) is int for s in model.sizes)
-    assert torch_mlp.MLP(n(4), n(3), n(2)).sizes == (4, 3, 2)  # one hidden size, not a list
-    assert torch.nn.Linear(n(4), n(3)).in_features == 4  # as native takes them
+    for hidden in ([n(3)], n(3)):  # a list, or one hidden size
+        model = torch_mlp.MLP(n(4), hidden, n(2))
+        sizes = [(m.in_features, m.out_features) for m in _linears(model)]
+        assert sizes == [(4, 3), (3, 2)]
+        assert all(type(s) is int for pair in sizes for s in pair)
+    assert nn.Linear(n(4), n(3)).in_features == 4  # as native takes them
 
 
 def test_cross_entropy_module_takes_a_negative_label_smoothing_as_native():
     z, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
     torch.testing.assert_close(torch_mlp.CrossEntropyLoss(label_smoothing=-0.5)(z, y),
-                               torch.nn.CrossEntropyLoss(label_smoothing=-0.5)(z, y))
+                               nn.CrossEntropyLoss(label_smoothing=-0.5)(z, y))
