@@ -92,12 +92,12 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
         # (logits, probability target, class weight) is upcast; float64 stays, as native.
         input, target, weight = (autocast_to(t, torch.float32) for t in (input, target, weight))
     C = input.shape[nd > 1]
-    if weight is not None and (weight.shape != (C,) or weight.requires_grad):
-        raise ArgumentError(
-            f"cross_entropy: expected a class weight of shape ({C},) (one per class) that does "
-            f"not require grad (its derivative is not derived; pass weight.detach()), got shape "
-            f"{tuple(weight.shape)}, requires_grad={weight.requires_grad}"
-        )
+    if weight is not None and weight.shape != (C,):  # the general path would broadcast it
+        raise ArgumentError(f"cross_entropy: expected weight of shape ({C},) (one per class), "
+                            f"got {tuple(weight.shape)}")
+    if weight is not None and weight.requires_grad:  # its gradient would be silently missing
+        raise ArgumentError("cross_entropy: the derivative with respect to weight is not "
+                            "supported; pass weight.detach()")
     if target.is_floating_point():
         return _prob_target(input, target, weight, ignore_index, label_smoothing)
     return input, _index_target(input, target, label_smoothing), weight, label_smoothing
@@ -147,7 +147,9 @@ def _index_target(input: Tensor, target: Tensor, label_smoothing: float) -> Tens
 
 
 def check_l2_penalty(weights: Sequence[Tensor], lam: float) -> None:
-    if not isinstance(lam, numbers.Real) or not lam >= 0:  # not >=: NaN is refused too
+    if not isinstance(lam, numbers.Real):  # a tensor too: the derivative in λ is not derived
+        raise TypeError(f"l2_penalty: lam must be a Python number, got {type(lam).__name__}")
+    if not lam >= 0:  # not >=: NaN is refused too
         raise ValueError(f"l2_penalty: lam must be a non-negative Python number, got {lam!r}")
     if not weights:
         raise ValueError("l2_penalty: expected at least one weight tensor, got none")
