@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,8 @@ class MLP(nn.Sequential):
     def __init__(self, in_features: int, hidden_features: int | Sequence[int],
                  out_features: int, bias: bool = True, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        hidden = [hidden_features] if _size(hidden_features) else list(hidden_features)
+        one = not isinstance(hidden_features, Iterable) or isinstance(hidden_features, Tensor)
+        hidden = [hidden_features] if one else list(hidden_features)
         sizes = [in_features, *hidden, out_features]
         if not all(_size(n) for n in sizes):
             raise ValueError(f"MLP: layer sizes must be positive integers, got {sizes}")
