@@ -1,29 +1,27 @@
-"""convert(): nested models, parameters kept (optimizers, tied weights), training mode, device
-and dtype, round trips, the TWINS table, hooks and instance attributes carried over, all-or-nothing
-refusals, modules left alone with a warning, verbose output and convert_plan."""
+"""convert(): a change of class of the very module objects. Exact types both ways, parameters,
+shared modules, tied weights, optimizers and hooks kept; subclasses left alone with a warning;
+user code written for torch.nn (init loops, weight-decay groups, quantization) and torchvision
+models behave as with native modules."""
 
 from __future__ import annotations
 
 import copy
-import gc
 import re
 import warnings
-from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations, prune
+from torch.nn.utils import parametrize, prune
 
 import torch_mlp
-from torch_mlp.modules import TWINS, ConvertStep, convert_plan
+
+NATIVE_TO_TWIN = {nn.Linear: torch_mlp.Linear, nn.ReLU: torch_mlp.ReLU,
+                  nn.CrossEntropyLoss: torch_mlp.CrossEntropyLoss}
 
 
-# --------------------------------------------------------------------------------------------
-# swapping a nested model
-# --------------------------------------------------------------------------------------------
 class _SubLinear(nn.Linear):
-    """A subclass of nn.Linear: convert() must leave it alone (its behaviour may differ)."""
+    """A user's subclass of nn.Linear: convert() must leave it alone (its forward may differ)."""
 
 
 class _Block(nn.Module):
@@ -43,7 +41,6 @@ class _Net(nn.Module):
         self.stem = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Tanh())
         self.blocks = nn.ModuleList([_Block(), _Block()])
         self.head = nn.Linear(8, 4, bias=False)
-        self.extra = _SubLinear(4, 4)
         self.loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.0]),
                                         label_smoothing=0.1)
 
@@ -51,81 +48,77 @@ class _Net(nn.Module):
         h = self.stem(x)
         for b in self.blocks:
             h = b(h)
-        return self.loss(self.extra(self.head(h)), y)
+        return self.loss(self.head(h), y)
 
 
-def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.grad.clone() for k, p in model.named_parameters()}
+def _small() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
 
 
-def test_convert_swaps_nested_modules_and_keeps_outputs_and_gradients():
+def _types(model: nn.Module) -> list[type]:
+    return [type(m) for m in model.modules()]
+
+
+def _run(model: nn.Module, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output and every gradient (the first input's under "input") of one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    x = inputs[0].clone().requires_grad_()
+    out = model(x, *inputs[1:])
+    out.float().square().sum().backward()
+    run = {"output": out.detach()}
+    run.update((k, p.grad.clone()) for k, p in model.named_parameters() if p.grad is not None)
+    run["input"] = x.grad.clone()
+    return run
+
+
+def _assert_same_run(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if not torch.equal(a[k], b[k]):  # equal is the common case, and cheap on resnet's 11M
+            torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------------------------
+# exact types, the same objects
+# --------------------------------------------------------------------------------------------
+def test_convert_swaps_nested_modules_in_place_and_keeps_outputs_and_gradients():
     model = _Net()
     reference = copy.deepcopy(model)
     x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
-    params_before = dict(model.named_parameters())
-    untouched = {"stem.2": model.stem[2], "blocks.0.norm": model.blocks[0].norm,
-                 "extra": model.extra}
-
-    out = torch_mlp.convert(model)
-    assert out is model
-    assert type(model.stem[0]) is torch_mlp.Linear
-    assert type(model.stem[1]) is torch_mlp.ReLU
-    assert all(type(b.fc) is torch_mlp.Linear and type(b.act) is torch_mlp.ReLU
-               for b in model.blocks)
-    assert type(model.head) is torch_mlp.Linear and model.head.bias is None
-    assert type(model.loss) is torch_mlp.CrossEntropyLoss
-    assert model.loss.label_smoothing == 0.1
-    # Everything else is untouched, the nn.Linear subclass included.
-    for name, module in untouched.items():
-        assert model.get_submodule(name) is module
-    assert type(model.extra) is _SubLinear
-    assert isinstance(model.blocks, nn.ModuleList)
-    # The very same parameter objects, under the same names.
-    params_after = dict(model.named_parameters())
-    assert params_after.keys() == params_before.keys()
-    assert all(params_after[k] is params_before[k] for k in params_before)
-    assert model.state_dict().keys() == reference.state_dict().keys()
-
-    loss, ref_loss = model(x, y), reference(x, y)
-    torch.testing.assert_close(loss, ref_loss)
-    loss.backward()
-    ref_loss.backward()
-    ga, gb = _grads(model), _grads(reference)
-    for k in ga:
-        torch.testing.assert_close(ga[k], gb[k], msg=k)
-
-
-def test_convert_keeps_an_existing_optimizer_working():
-    model = _Net()
-    reference = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # built before the swap
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
-    torch_mlp.convert(model)
-    head_before = model.head.weight.detach().clone()
-    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
-    for m, o in ((model, opt), (reference, ref_opt)):
-        o.zero_grad()
-        m(x, y).backward()
-        o.step()
-    assert not torch.equal(model.head.weight, head_before)  # the old optimizer moved them
-    for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
-        torch.testing.assert_close(a, b, msg=k)
-
-
-def test_convert_to_native_goes_back():
-    model = _Net()
+    modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    torch_mlp.convert(model)
-    torch_mlp.convert(model, to_native=True)
-    assert type(model.stem[0]) is nn.Linear and type(model.stem[1]) is nn.ReLU
-    assert all(type(b.fc) is nn.Linear for b in model.blocks)
-    assert type(model.loss) is nn.CrossEntropyLoss
-    assert model.loss.label_smoothing == 0.1
-    assert torch.equal(model.loss.weight, torch.tensor([1.0, 2.0, 0.5, 1.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing here is left alone
+        assert torch_mlp.convert(model) is model
+    # The very module and parameter objects, under the same names; only their classes changed.
+    assert dict(model.named_modules()) == modules
     assert all(dict(model.named_parameters())[k] is p for k, p in params.items())
+    assert _types(model) == [NATIVE_TO_TWIN.get(t, t) for t in _types(reference)]
+    assert torch_mlp.Linear in _types(model) and torch_mlp.CrossEntropyLoss in _types(model)
+    assert model.head.bias is None and model.loss.label_smoothing == 0.1
+    _assert_same_state(model.state_dict(), reference.state_dict())
+    _assert_same_run(_run(model, x, y), _run(reference, x, y))
 
 
-def test_convert_mlp_to_native_and_back_matches():
+def test_convert_to_native_gives_exact_torch_nn_types_and_the_same_objects():
+    model = _Net()
+    modules, params = list(model.modules()), list(model.parameters())
+    native_types = _types(model)
+    torch_mlp.convert(model)
+    assert torch_mlp.convert(model, to_native=True) is model
+    assert _types(model) == native_types
+    assert all(a is b for a, b in zip(model.modules(), modules, strict=True))
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert torch.equal(model.loss.weight, torch.tensor([1.0, 2.0, 0.5, 1.0]))
+
+
+def test_convert_mlp_to_native_gives_torch_nn_layers_and_the_same_output():
     model = torch_mlp.MLP(6, [5], 3)
     x = torch.randn(4, 6)
     expected = model(x)
@@ -143,147 +136,110 @@ def test_convert_mlp_to_native_and_back_matches():
     ],
     ids=["Linear", "ReLU-inplace", "CrossEntropyLoss"],
 )
-def test_convert_a_bare_module_returns_its_twin(make, twin):
-    native = make()
-    ours = torch_mlp.convert(native)
-    assert type(ours) is twin
-    assert ours.extra_repr() == native.extra_repr()
-    for (k, a), (_, b) in zip(ours.named_parameters(), native.named_parameters()):
-        assert a is b, k
+def test_a_bare_module_is_converted_in_place(make, twin):
+    module = make()
+    native_repr, state = repr(module), module.state_dict()
+    assert torch_mlp.convert(module) is module
+    assert type(module) is twin
+    assert repr(module) == native_repr
+    _assert_same_state(module.state_dict(), state)
+    assert type(torch_mlp.convert(module, to_native=True)) is type(make())
 
 
-def test_convert_keeps_device_dtype_and_training_mode():
-    model = nn.Sequential(nn.Linear(3, 4, dtype=torch.float64), nn.ReLU()).eval()
-    torch_mlp.convert(model)
-    assert model[0].weight.dtype == torch.float64
-    assert not model[0].training and not model[1].training
-
-
-def test_convert_leaves_unrelated_model_alone():
-    model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Tanh())
-    children = list(model)
-    assert torch_mlp.convert(model) is model
-    assert list(model) == children
-
-
-def _small() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
-
-
-def _run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Output and every gradient (the input's under "input") of one forward and backward."""
-    x = x.clone().requires_grad_()
-    out = model(x)
-    out.square().sum().backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    grads["input"] = x.grad.clone()
-    return out.detach(), grads
-
-
-def _assert_same_run(a: tuple, b: tuple) -> None:
-    torch.testing.assert_close(a[0], b[0])
-    assert a[1].keys() == b[1].keys()
-    for k in a[1]:
-        torch.testing.assert_close(a[1][k], b[1][k], msg=k)
-
-
-def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-# --------------------------------------------------------------------------------------------
-# parameters, mode, device, dtype, round trip
-# --------------------------------------------------------------------------------------------
-def test_convert_keeps_each_modules_mode_and_the_very_parameters():
+def test_convert_keeps_each_modules_mode_device_dtype_and_attributes():
     model = nn.Sequential(nn.Linear(3, 4, dtype=torch.float64), nn.ReLU(),
                           nn.Linear(4, 2, device="meta"))
     model[1].eval()  # mixed modes: each module keeps its own
-    params = list(model.parameters())
+    model[0].register_buffer("mask", torch.ones(4, 3))
+    model[0].my_tag = 3
+    mask = model[0].mask
     torch_mlp.convert(model)
     assert [type(m) for m in model] == [torch_mlp.Linear, torch_mlp.ReLU, torch_mlp.Linear]
     assert [m.training for m in model] == [True, False, True]
-    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
     assert model[0].weight.dtype == torch.float64 and model[2].weight.device.type == "meta"
+    assert model[0].my_tag == 3 and model[0].mask is mask
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "0.mask", "2.weight", "2.bias"]
+
+
+def test_convert_leaves_an_unrelated_model_alone():
+    model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Tanh())
+    types = _types(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch_mlp.convert(model) is model
+    assert _types(model) == types
+
+
+def test_a_module_used_twice_stays_one_shared_twin():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    reference = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    torch_mlp.convert(model)
+    assert type(lin) is torch_mlp.Linear and model[0] is model[2] is lin
+    assert len(list(model.parameters())) == 2
+    _assert_same_run(_run(model, x), _run(reference, x))
 
 
 def test_convert_keeps_tied_weights_tied():
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight
     model = nn.Sequential(a, nn.ReLU(), b)
-    torch_mlp.convert(model)
-    assert model[0].weight is model[2].weight is a.weight
-    assert len(list(model.parameters())) == 3  # one weight, two biases
-
-
-def test_a_module_used_twice_becomes_one_shared_twin():
-    lin = nn.Linear(4, 4)
-    model = nn.Sequential(lin, nn.ReLU(), lin)
     reference = copy.deepcopy(model)
     x = torch.randn(3, 4)
     torch_mlp.convert(model)
-    assert type(model[0]) is torch_mlp.Linear and model[0] is model[2]
-    assert len(list(model.parameters())) == 2
+    assert type(model[2]) is torch_mlp.Linear
+    assert model[0].weight is model[2].weight is a.weight
+    assert len(list(model.parameters())) == 3  # one weight, two biases
     _assert_same_run(_run(model, x), _run(reference, x))
+
+
+def test_an_optimizer_built_before_convert_still_trains_the_model():
+    model = _Net()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # built before the swap
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    torch_mlp.convert(model)
+    head_before = model.head.weight.detach().clone()
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    for m, o in ((model, opt), (reference, ref_opt)):
+        for _ in range(2):
+            o.zero_grad()
+            m(x, y).backward()
+            o.step()
+    assert not torch.equal(model.head.weight, head_before)  # the old optimizer moved them
+    for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
 
 
 def test_round_trip_gives_torch_nn_classes_and_the_same_state_dict():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3, bias=False),
                           nn.CrossEntropyLoss(weight=torch.rand(3), ignore_index=1))
-    model[0].register_buffer("mask", torch.ones(5, 4))
-    model[2].my_tag = 3
     state = copy.deepcopy(model.state_dict())
+    reprs = [repr(m) for m in model]
     torch_mlp.convert(torch_mlp.convert(model), to_native=True)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.CrossEntropyLoss]
-    assert [m.extra_repr() for m in model] == [
-        "in_features=4, out_features=5, bias=True", "inplace=True",
-        "in_features=5, out_features=3, bias=False", ""]
-    assert model[3].ignore_index == 1
-    assert model[2].my_tag == 3
+    assert [repr(m) for m in model] == reprs
+    assert model[3].ignore_index == 1 and model[1].inplace
     _assert_same_state(model.state_dict(), state)
 
 
-# --------------------------------------------------------------------------------------------
-# the table
-# --------------------------------------------------------------------------------------------
-class _Sigmoid(nn.Module):
-    """A toy twin of nn.Sigmoid, registered in TWINS by one test only."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 1 / (1 + torch.exp(-x))
-
-    @classmethod
-    def from_native(cls, module: nn.Sigmoid) -> _Sigmoid:
-        return cls()
-
-    def to_native(self) -> nn.Sigmoid:
-        return nn.Sigmoid()
-
-
-def test_a_pair_added_to_the_table_is_swapped_both_ways(monkeypatch):
-    monkeypatch.setitem(TWINS, nn.Sigmoid, _Sigmoid)  # removed again after the test
-    model = nn.Sequential(nn.Linear(4, 3), nn.Sigmoid())
-    reference = copy.deepcopy(model)
-    x = torch.randn(2, 4)
+def test_verbose_prints_one_line_per_module_swapped(capsys):
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.ReLU())
     torch_mlp.convert(model)
-    assert [type(m) for m in model] == [torch_mlp.Linear, _Sigmoid]
-    _assert_same_run(_run(model, x), _run(reference, x))
-    torch_mlp.convert(model, to_native=True)
-    assert [type(m) for m in model] == [nn.Linear, nn.Sigmoid]
-
-
-def test_a_table_entry_without_from_native_is_refused_before_any_change(monkeypatch):
-    monkeypatch.setitem(TWINS, nn.Tanh, nn.Softsign)
-    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
-    children = list(model)
-    with pytest.raises(TypeError, match=r"Softsign has no from_native\(\)"):
-        torch_mlp.convert(model)
-    assert list(model) == children
+    assert capsys.readouterr().out == ""
+    torch_mlp.convert(model, to_native=True, verbose=True)
+    assert capsys.readouterr().out.splitlines() == [
+        "convert: 0: torch_mlp.Linear -> torch.nn.Linear",  # a shared module once
+        "convert: 3: torch_mlp.ReLU -> torch.nn.ReLU",
+    ]
+    torch_mlp.convert(lin, verbose=True)
+    assert capsys.readouterr().out == "convert: (model): torch.nn.Linear -> torch_mlp.Linear\n"
 
 
 # --------------------------------------------------------------------------------------------
-# hooks and attributes
+# hooks ride along
 # --------------------------------------------------------------------------------------------
 def _forward_hook(m, inp, out):
     return out * 2
@@ -305,7 +261,7 @@ def _backward_pre_hook(m, grad_out):
     return tuple(-g for g in grad_out)
 
 
-HOOKS: dict[str, Callable[[nn.Module, Callable], object]] = {
+HOOKS = {
     "forward": lambda m, f: m.register_forward_hook(f(_forward_hook)),
     "forward-always-call": lambda m, f: m.register_forward_hook(f(_forward_hook),
                                                                 always_call=True),
@@ -319,7 +275,7 @@ HOOKS: dict[str, Callable[[nn.Module, Callable], object]] = {
 
 @pytest.mark.parametrize("where", [0, 1], ids=["Linear", "ReLU"])
 @pytest.mark.parametrize("kind", list(HOOKS))
-def test_module_hooks_carry_over(kind, where):
+def test_module_hooks_registered_before_convert_fire_and_their_handles_remove_them(kind, where):
     fired: list[type] = []
 
     def counted(hook):
@@ -330,103 +286,112 @@ def test_module_hooks_carry_over(kind, where):
 
     native, model = _small(), _small()
     model.load_state_dict(native.state_dict())
+    x = torch.randn(3, 4)
+    plain = _run(native, x)
     HOOKS[kind](native[where], counted)
     handle = HOOKS[kind](model[where], counted)
-    x = torch.randn(3, 4)
     expected = _run(native, x)
     fired.clear()
     torch_mlp.convert(model)
-    assert type(model[where]) in (torch_mlp.Linear, torch_mlp.ReLU)
+    assert type(model[where]) is NATIVE_TO_TWIN[type(native[where])]
     _assert_same_run(_run(model, x), expected)
     assert fired == [type(model[where])]
-    # A handle taken before convert still removes the hook from the twin.
-    handle.remove()
+    handle.remove()  # taken before convert, it still removes the hook from the twin
     fired.clear()
-    model(x)
+    _assert_same_run(_run(model, x), plain)
     assert fired == []
 
 
-def test_state_dict_hooks_carry_over_and_see_the_twin():
-    seen: dict[str, list] = {"post": [], "pre": [], "load-pre": [], "load-pre-public": [],
-                             "load-post": []}
+def test_state_dict_hooks_registered_before_convert_fire_and_their_handles_remove_them():
+    seen: dict[str, list] = {"pre": [], "post": [], "load-pre": [], "load-post": []}
     lin = nn.Linear(3, 2)
 
     def post(m, state, prefix, meta):
-        seen["post"].append(m)
-        state[prefix + "extra"] = torch.zeros(1)  # old-style hook: may change the dict
+        seen["post"].append(type(m))
+        state[prefix + "extra"] = torch.zeros(1)  # a post hook may change the dict
 
-    lin._register_state_dict_hook(post)
-    lin.register_state_dict_pre_hook(lambda m, prefix, keep: seen["pre"].append(m))
-    lin._register_load_state_dict_pre_hook(
-        lambda m, *args: seen["load-pre"].append(m), with_module=True)
-    lin.register_load_state_dict_pre_hook(lambda m, *args: seen["load-pre-public"].append(m))
-    lin.register_load_state_dict_post_hook(lambda m, keys: seen["load-post"].append(m))
+    handles = [
+        lin.register_state_dict_pre_hook(lambda m, prefix, keep: seen["pre"].append(type(m))),
+        lin.register_state_dict_post_hook(post),
+        lin.register_load_state_dict_pre_hook(lambda m, *args: seen["load-pre"].append(type(m))),
+        lin.register_load_state_dict_post_hook(lambda m, keys: seen["load-post"].append(type(m))),
+    ]
     model = nn.Sequential(lin)
-    del lin
     torch_mlp.convert(model)
-    gc.collect()  # the native Linear is gone: hooks bound to it would now fail
-    twin = model[0]
     state = model.state_dict()
     assert list(state) == ["0.weight", "0.bias", "0.extra"]
     del state["0.extra"]
     model.load_state_dict(state)
-    assert seen == {k: [twin] for k in seen}
-
-
-def test_instance_attributes_and_extra_buffers_carry_over():
-    lin = nn.Linear(3, 2)
-    lin.my_tag = 3
-    lin.register_buffer("mask", torch.ones(2, 3))
-    lin.register_buffer("scratch", torch.zeros(2), persistent=False)
-    model = nn.Sequential(lin)
-    torch_mlp.convert(model)
-    assert model[0].my_tag == 3
-    assert model[0].mask is lin.mask and model[0].scratch is lin.scratch
-    assert list(model.state_dict()) == ["0.weight", "0.bias", "0.mask"]
-
-
-def test_convert_of_a_bare_module_leaves_it_as_it_was():
-    lin = nn.Linear(3, 2)
-    lin.register_forward_hook(_forward_hook)
-    lin.my_tag = "x"
-    twin = torch_mlp.convert(lin)
-    assert type(lin) is nn.Linear and type(twin) is torch_mlp.Linear
-    assert twin.my_tag == "x" and twin.weight is lin.weight
-    x = torch.randn(4, 3)
-    torch.testing.assert_close(twin(x), lin(x))
+    assert seen == {k: [torch_mlp.Linear] for k in seen}
+    for h in handles:
+        h.remove()
+    assert list(model.state_dict()) == ["0.weight", "0.bias"]
+    model.load_state_dict(state)
+    assert seen == {k: [torch_mlp.Linear] for k in seen}
 
 
 # --------------------------------------------------------------------------------------------
-# all or nothing: refusals and modules left alone
+# left alone with a warning, or refused
 # --------------------------------------------------------------------------------------------
-class _WithLoss(nn.Module):
-    def __init__(self, loss: nn.Module) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-        self.act = nn.ReLU()
-        self.loss = loss
+def _parametrized_linear(d_in: int, d_out: int) -> nn.Linear:
+    lin = nn.Linear(d_in, d_out)
+    parametrize.register_parametrization(lin, "weight", nn.Tanh())
+    return lin
 
 
-@pytest.mark.parametrize(
-    ("loss", "match"),
-    [
-        (lambda: nn.CrossEntropyLoss(reduction="avg"), r"avg is not a valid value for reduction"),
-        (lambda: nn.CrossEntropyLoss(label_smoothing=1.5),
-         r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
-    ],
-    ids=["reduction", "label_smoothing"],
-)
-def test_an_invalid_loss_after_a_linear_is_refused_with_the_model_unchanged(loss, match):
-    model = _WithLoss(loss())
-    children = dict(model.named_children())
+SUBCLASSES = {
+    "user-subclass": (lambda: _SubLinear(5, 3), r"_SubLinear"),
+    "parametrize": (lambda: _parametrized_linear(5, 3), r"ParametrizedLinear"),
+}
+
+
+@pytest.mark.parametrize(("make", "cls"), list(SUBCLASSES.values()), ids=list(SUBCLASSES))
+def test_a_subclass_of_nn_linear_is_left_alone_with_a_warning_naming_its_path(make, cls):
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Sequential(make(), nn.ReLU()))
+    subclass = model[2][0]
+    sub_type = type(subclass)
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"convert: cannot swap 'loss' "
-                       r"\(torch.nn.CrossEntropyLoss\) for torch_mlp.CrossEntropyLoss: " + match
-                       + r".*left unchanged"):
+    x = torch.randn(2, 4)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=rf"convert: left 2\.0 \({cls}\) as it is: a subclass of "
+                                         r"torch\.nn\.Linear") as rec:
         torch_mlp.convert(model)
-    assert dict(model.named_children()) == children
-    assert all(type(m) in (nn.Linear, nn.ReLU, nn.CrossEntropyLoss) for m in children.values())
+    assert len(rec) == 1
+    assert model[2][0] is subclass and type(subclass) is sub_type
+    assert [type(m) for m in (model[0], model[1], model[2][1])] == [
+        torch_mlp.Linear, torch_mlp.ReLU, torch_mlp.ReLU]
     _assert_same_state(model.state_dict(), state)
+    torch.testing.assert_close(model(x), expected)
+    with pytest.warns(UserWarning, match=rf"convert: left the model \({cls}\) as it is"):
+        assert torch_mlp.convert(subclass) is subclass
+    assert type(subclass) is sub_type
+
+
+def test_an_uninitialised_lazy_linear_is_left_alone_with_a_warning_then_swapped_after_init():
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"convert: left 0 \(LazyLinear\) as it is"):
+        torch_mlp.convert(model)
+    assert type(model[0]) is nn.LazyLinear and type(model[1]) is torch_mlp.ReLU
+    x = torch.randn(2, 4)
+    expected = model(x)  # initialises it: it becomes an nn.Linear
+    torch_mlp.convert(model)
+    assert type(model[0]) is torch_mlp.Linear
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_a_subclass_of_a_twin_is_kept_by_convert_and_left_with_a_warning_by_to_native():
+    class MyLinear(torch_mlp.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(3, 2), nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already ours: nothing to say
+        torch_mlp.convert(model)
+    assert [type(m) for m in model] == [MyLinear, torch_mlp.ReLU]
+    with pytest.warns(UserWarning, match=r"convert: left 0 \(.*MyLinear\) as it is: a subclass "
+                                         r"of torch_mlp\.Linear"):
+        torch_mlp.convert(model, to_native=True)
+    assert [type(m) for m in model] == [MyLinear, nn.ReLU]
 
 
 def _old_weight_norm(m: nn.Linear) -> nn.Module:
@@ -435,130 +400,176 @@ def _old_weight_norm(m: nn.Linear) -> nn.Module:
         return torch.nn.utils.weight_norm(m)
 
 
-REPARAMETRIZED = {
-    "weight_norm": (_old_weight_norm, r"torch.nn.utils.weight_norm"),
-    "spectral_norm": (torch.nn.utils.spectral_norm, r"torch.nn.utils.spectral_norm"),
-    "prune": (lambda m: prune.l1_unstructured(m, "weight", amount=0.5), r"torch.nn.utils.prune"),
-    "parametrize-weight_norm": (parametrizations.weight_norm, r"parametrize"),
-    "parametrize-spectral_norm": (parametrizations.spectral_norm, r"parametrize"),
+HOOK_REPARAMETRIZED = {
+    "weight_norm": _old_weight_norm,
+    "spectral_norm": torch.nn.utils.spectral_norm,
+    "prune": lambda m: prune.l1_unstructured(m, "weight", amount=0.5),
 }
 
 
-@pytest.mark.parametrize("kind", list(REPARAMETRIZED))
-def test_a_reparametrized_linear_is_left_alone_with_a_warning_naming_it(kind):
-    apply, match = REPARAMETRIZED[kind]
-    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(),
-                          nn.Sequential(apply(nn.Linear(5, 3)), nn.ReLU()))
-    model.eval()  # spectral_norm's power iteration only runs in training mode
-    reparametrized = model[2][0]
-    state = copy.deepcopy(model.state_dict())
+@pytest.mark.parametrize("apply", list(HOOK_REPARAMETRIZED.values()), ids=list(HOOK_REPARAMETRIZED))
+def test_a_linear_reparametrized_by_hooks_is_swapped_and_still_trains_the_same(apply):
+    # These keep the exact nn.Linear type and recompute .weight in a forward pre-hook, which
+    # the twin runs too.
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), apply(nn.Linear(5, 3))).eval()
     x = torch.randn(2, 4)
-    expected = model(x)
-    with pytest.warns(UserWarning, match=r"convert: left '2\.0' \(.*Linear\) as it is: .*"
-                      + match):
-        torch_mlp.convert(model)
-    assert model[2][0] is reparametrized
-    assert [type(m) for m in (model[0], model[1], model[2][1])] == [
-        torch_mlp.Linear, torch_mlp.ReLU, torch_mlp.ReLU]
-    _assert_same_state(model.state_dict(), state)
-    torch.testing.assert_close(model(x), expected)
+    expected = _run(model, x)
+    torch_mlp.convert(model)
+    assert [type(m) for m in model] == [torch_mlp.Linear, torch_mlp.ReLU, torch_mlp.Linear]
+    _assert_same_run(_run(model, x), expected)
 
 
-def test_a_scripted_model_is_refused_and_a_scripted_part_left_alone_with_a_warning():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
-        scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
-    with pytest.raises(TypeError, match=r"model is a torch.jit.ScriptModule"):
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_scripted_model_is_refused_and_left_unchanged():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    code = scripted.code
+    with pytest.raises(TypeError, match=r"convert: model is a torch\.jit\.ScriptModule"):
         torch_mlp.convert(scripted)
-    model = nn.Sequential(nn.Linear(3, 4), scripted)
-    with pytest.warns(UserWarning, match=r"left '1' .* torch.jit.ScriptModule"):
-        torch_mlp.convert(model)
-    assert type(model[0]) is torch_mlp.Linear and model[1] is scripted
-
-
-def test_an_uninitialised_lazy_linear_is_left_alone_with_a_warning_then_swapped_after_init():
-    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU())
-    with pytest.warns(UserWarning, match=r"left '0' .* lazy module not initialised"):
-        torch_mlp.convert(model)
-    assert isinstance(model[0], nn.LazyLinear) and type(model[1]) is torch_mlp.ReLU
-    x = torch.randn(2, 4)
-    expected = model(x)  # initialises it: it becomes an nn.Linear
-    torch_mlp.convert(model)
-    assert type(model[0]) is torch_mlp.Linear
-    torch.testing.assert_close(model(x), expected)
+    assert scripted.code == code
 
 
 # --------------------------------------------------------------------------------------------
-# telling the user: verbose and convert_plan
+# user code written for torch.nn
 # --------------------------------------------------------------------------------------------
-def test_verbose_prints_one_line_per_swap_and_skip(capsys):
-    lin = nn.Linear(4, 4)
-    model = nn.Sequential(lin, _SubLinear(4, 4), lin)
-    torch_mlp.convert(model)
-    assert capsys.readouterr().out == ""
-    torch_mlp.convert(model, to_native=True, verbose=True)
-    assert capsys.readouterr().out.splitlines() == [
-        "convert: swap 0: torch_mlp.Linear -> torch.nn.Linear",
-        "convert: swap 2: torch_mlp.Linear -> torch.nn.Linear",
-    ]
-    torch_mlp.convert(model, verbose=True)
-    assert capsys.readouterr().out.splitlines() == [
-        "convert: swap 0: torch.nn.Linear -> torch_mlp.Linear",
-        "convert: skip 1: _SubLinear, a subclass of torch.nn.Linear, whose behaviour may differ",
-        "convert: swap 2: torch.nn.Linear -> torch_mlp.Linear",
-    ]
+def _zero_linear_biases(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
 
 
-def test_convert_plan_changes_nothing_and_lists_what_convert_does():
-    model = _Net()
-    children = list(model.modules())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a plain subclass is skipped without a warning
-        plan = convert_plan(model)
-    assert list(model.modules()) == children
-    assert all(isinstance(s, ConvertStep) for s in plan)
-    assert [(s.path, s.swapped) for s in plan] == [
-        ("stem.0", True), ("stem.1", True), ("blocks.0.fc", True), ("blocks.0.act", True),
-        ("blocks.1.fc", True), ("blocks.1.act", True), ("head", True), ("extra", False),
-        ("loss", True)]
-    assert re.fullmatch(r"skip extra: _SubLinear, a subclass of torch.nn.Linear.*",
-                        str(plan[7]))
+def _decay_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """The usual weight-decay split: nn.Linear weights decay; everything else does not."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    names = [(n, id(p) in decay) for n, p in model.named_parameters()]
+    return [n for n, d in names if d], [n for n, d in names if not d]
 
 
-@pytest.mark.slow  # Module.compile() imports torch._dynamo: seconds on a busy machine
-def test_a_module_compiled_in_place_is_left_alone_with_a_warning():
-    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
-    compiled = model[0]
-    compiled.compile()  # compiles its own call: a twin would not run the compiled code
-    with pytest.warns(UserWarning, match=r"left '0' .* compiled in place by Module.compile"):
+class _NotALinear(nn.Module):
+    """A Linear that is not an nn.Linear, as the twins were: torch.nn-minded code skips it."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in))
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x):
+        return torch_mlp.functional.linear(x, self.weight, self.bias)
+
+
+def _user_code_outcome(model: nn.Module, x: torch.Tensor) -> dict[str, object]:
+    """An init loop, then one AdamW step with weight decay on nn.Linear weights only."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _zero_linear_biases(model)
+    zeroed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    decay, no_decay = _decay_names(model)
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [params[n] for n in decay], "weight_decay": 0.5},
+                             {"params": [params[n] for n in no_decay], "weight_decay": 0.0}],
+                            lr=0.1)
+    model(x).square().sum().backward()
+    opt.step()
+    return {"zeroed": zeroed, "decay": decay, "no_decay": no_decay,
+            "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def _assert_same_outcome(a: dict[str, object], b: dict[str, object]) -> None:
+    assert (a["zeroed"], a["decay"], a["no_decay"]) == (b["zeroed"], b["decay"], b["no_decay"])
+    for k in a["state"]:
+        torch.testing.assert_close(a["state"][k], b["state"][k], msg=k)
+
+
+def _with_norm() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.LayerNorm(6), nn.Linear(6, 3))
+
+
+def test_an_init_loop_and_weight_decay_groups_treat_a_converted_model_as_native():
+    native = _with_norm()
+    converted = torch_mlp.convert(copy.deepcopy(native))
+    x = torch.randn(5, 4)
+    outcome, native_outcome = _user_code_outcome(converted, x), _user_code_outcome(native, x)
+    assert native_outcome["zeroed"] == ["0.bias", "3.bias"]
+    assert native_outcome["decay"] == ["0.weight", "3.weight"]
+    _assert_same_outcome(outcome, native_outcome)
+
+
+def test_user_code_comparison_catches_a_linear_that_is_not_an_nn_linear():
+    native = _with_norm()
+    other = copy.deepcopy(native)
+    other[3] = _NotALinear(6, 3)
+    other[3].load_state_dict(native[3].state_dict())
+    x = torch.randn(5, 4)
+    with pytest.raises(AssertionError):
+        _assert_same_outcome(_user_code_outcome(other, x), _user_code_outcome(native, x))
+
+
+def _has_quantized_engine() -> bool:
+    return bool(set(torch.backends.quantized.supported_engines) - {"none"})
+
+
+@pytest.mark.skipif(not _has_quantized_engine(), reason="no quantized engine on this CPU")
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_quantize_dynamic_skips_twins_and_quantizes_after_to_native():
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+    from torch.ao.quantization import quantize_dynamic
+
+    native = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    converted = torch_mlp.convert(copy.deepcopy(native))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        expected = native(x)
+        # quantize_dynamic swaps exact nn.Linear only: the twins stay float.
+        skipped = quantize_dynamic(converted, {nn.Linear}, dtype=torch.qint8)
+        assert [type(m) for m in skipped] == [torch_mlp.Linear, torch_mlp.ReLU, torch_mlp.Linear]
+        # The documented route: back to torch.nn first.
+        quantized = quantize_dynamic(torch_mlp.convert(converted, to_native=True), {nn.Linear},
+                                     dtype=torch.qint8)
+        assert [type(m) for m in quantized] == [DynamicQuantizedLinear, nn.ReLU,
+                                                DynamicQuantizedLinear]
+        out = quantized(x)
+    assert not torch.equal(out, expected)  # quantized: close, not equal
+    torch.testing.assert_close(out, expected, atol=0.1, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision and torch.nn models
+# --------------------------------------------------------------------------------------------
+def _torchvision_mlp() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.ops.MLP(6, [8, 8, 3])
+
+
+def _resnet18() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.resnet18(weights=None).eval()  # eval: a batch of one is enough
+
+
+def _encoder_layer() -> nn.Module:
+    return nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+
+
+# (model, an input, the paths left alone with a warning)
+MODELS = {
+    "torchvision.ops.MLP": (_torchvision_mlp, lambda: torch.randn(4, 6), []),
+    "resnet18": (_resnet18, lambda: torch.randn(1, 3, 16, 16), []),
+    "TransformerEncoderLayer": (_encoder_layer, lambda: torch.randn(5, 2, 8),
+                                ["self_attn.out_proj"]),  # NonDynamicallyQuantizableLinear
+}
+
+
+@pytest.mark.parametrize(("make", "make_input", "left"), list(MODELS.values()), ids=list(MODELS))
+def test_torch_and_torchvision_models_convert_and_come_back(make, make_input, left):
+    native = make()
+    model = copy.deepcopy(native)
+    x = make_input()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
         torch_mlp.convert(model)
-    assert model[0] is compiled and type(model[1]) is torch_mlp.ReLU
-
-
-def test_torch_nn_modules_calling_functional_ops_themselves_are_named_in_plan_and_verbose(
-        capsys):
-    # convert swaps modules; a function call inside a torch.nn module's forward stays native.
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, activation="relu", dropout=0.0),
-        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, activation=nn.ReLU(), dropout=0.0),
-        nn.Linear(8, 3))
-    plan = convert_plan(model)
-    notes = {s.path: s.reason for s in plan if not s.swapped}
-    assert re.search(r"calls torch\.nn\.functional\.relu itself.*stays native", notes["0"])
-    assert "1" not in notes or "relu" not in notes["1"]  # a ReLU module there is swapped
-    for path in ("0.self_attn", "1.self_attn"):
-        assert re.search(r"multi_head_attention_forward.*stays native", notes[path])
-    swapped = {s.path for s in plan if s.swapped}
-    assert {"0.linear1", "0.linear2", "1.linear1", "1.linear2", "1.activation", "2"} <= swapped
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a note, not a warning
-        torch_mlp.convert(model, verbose=True)
-    out = capsys.readouterr().out
-    assert re.search(r"convert: skip 0: torch\.nn\.TransformerEncoderLayer, its forward calls "
-                     r"torch\.nn\.functional\.relu itself", out)
-    assert "convert: skip 0.self_attn: torch.nn.MultiheadAttention" in out
-    decoder = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, activation="relu")
-    assert any(s.path == "" and "functional.relu" in s.reason for s in convert_plan(decoder))
-    gelu = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, activation="gelu")
-    assert not any("functional.relu" in s.reason for s in convert_plan(gelu))
+    warned = [re.match(r"convert: left (\S+) ", str(w.message)) for w in rec]
+    assert [m and m.group(1) for m in warned] == left
+    assert _types(model) == [NATIVE_TO_TWIN.get(t, t) for t in _types(native)]
+    assert any(t in NATIVE_TO_TWIN.values() for t in _types(model))
+    _assert_same_run(_run(model, x), _run(native, x))
+    torch_mlp.convert(model, to_native=True)
+    assert _types(model) == _types(native)
+    _assert_same_state(model.state_dict(), native.state_dict())
