@@ -111,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("## per-op forward + backward", flush=True)
         results["ops"] = ops.run(s, args.quick)
         text.append(("Per-op forward + backward", ops.render(results["ops"])))
+        results["tax"] = ops.run_tax(s)
+        text.append(("Per-call Python tax (one forward call, 1×8 input, one thread)",
+                     ops.render_tax(results["tax"])))
     if "memory" in args.only:
         print("## memory", flush=True)
         results["memory"] = memory.run(s.device, args.hidden, args.batch)

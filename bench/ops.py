@@ -1,4 +1,5 @@
-"""(2) Per-op forward + backward: torch_mlp.functional against torch.nn.functional.
+"""(2) Per-op forward + backward: torch_mlp.functional against torch.nn.functional; and the
+Python tax: one forward call on a tiny input (1×8 x, 4×8 W) with one thread.
 
 The small shapes show the cost of ``Function.apply`` and the wrappers' Python; the large ones
 show compute.
@@ -77,3 +78,43 @@ def render(rows: list[dict[str, Any]]) -> str:
     return table(rows, [("op", "op", ""), ("shape", "shape", ""),
                         ("custom_us", "torch_mlp µs", ".1f"), ("native_us", "torch.nn µs", ".1f"),
                         ("ratio", "ratio", ".3f"), ("spread", "ratio min–max", "")])
+
+
+def tax_cases() -> list[tuple[str, Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
+    """One forward call per op on a tiny input: what a call costs beyond its arithmetic."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, generator=gen)
+    w = torch.randn(4, 8, generator=gen).requires_grad_()
+    b = torch.randn(4, generator=gen).requires_grad_()
+    z, y = torch.randn(1, 4, generator=gen).requires_grad_(), torch.tensor([1])
+    return [
+        ("linear", lambda: F.linear(x, w, b), lambda: TF.linear(x, w, b)),
+        ("relu", lambda: F.relu(z), lambda: TF.relu(z)),
+        ("cross_entropy", lambda: F.cross_entropy(z, y), lambda: TF.cross_entropy(z, y)),
+        ("l2_penalty", lambda: F.l2_penalty([w], 1e-4),
+         lambda: 0.5 * 1e-4 * sum(t.square().sum() for t in [w])),  # the native formula
+    ]
+
+
+def run_tax(s: Settings) -> list[dict[str, Any]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = []
+        for op, ours, ref in tax_cases():
+            row = {"op": op, **compare(*interleaved([ours, ref], s))}
+            row["custom_us"], row["native_us"] = row["custom_ms"] * 1e3, row["native_ms"] * 1e3
+            rows.append(row)
+            print(f"  tax {op:<13} custom {row['custom_us']:6.1f} µs  native "
+                  f"{row['native_us']:6.1f} µs  ratio {row['ratio']:.2f} ({spread(row)})",
+                  flush=True)
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def render_tax(rows: list[dict[str, Any]]) -> str:
+    rows = [{**r, "spread": spread(r)} for r in rows]
+    return table(rows, [("op", "op", ""), ("custom_us", "torch_mlp µs", ".1f"),
+                        ("native_us", "torch.nn µs", ".1f"), ("ratio", "ratio", ".2f"),
+                        ("spread", "ratio min–max", "")])

@@ -88,6 +88,13 @@ def test_ops_rows(results: dict) -> None:
         assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
 
 
+def test_tax_rows(results: dict) -> None:
+    assert [r["op"] for r in results["tax"]] == ["linear", "relu", "cross_entropy", "l2_penalty"]
+    for r in results["tax"]:
+        assert r["custom_us"] > 0 and r["native_us"] > 0
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+
+
 def test_memory_rows(results: dict) -> None:
     for r in results["memory"]:
         for impl in ("custom", "native"):
