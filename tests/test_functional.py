@@ -98,9 +98,7 @@ def test_matrix_gradcheck_gradgradcheck_and_parity(case):
     ident, custom, reference, inputs = case
     result = check_function(custom, reference, *inputs, name=ident)  # raises on any failure
     assert result.failures == []
-    assert result.gradcheck_max_err < 1e-5
-    assert result.gradgradcheck_max_err < 1e-5
-    assert set(result.parity_max_err) == {"torch.float32", "torch.float64"}
+    assert result.checks == ["gradcheck", "gradgradcheck", "parity float32", "parity float64"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
