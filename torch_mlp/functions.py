@@ -2,8 +2,8 @@
 
 Each backward computes exactly the formula derived in ``docs/derivation.md``, written in
 differentiable torch ops so that double backward (``gradgradcheck``) is exact; each ``jvp`` is
-the forward-mode twin of its backward. Nothing here checks arguments or picks a variant: the
-wrappers in :mod:`torch_mlp.functional` do that.
+the forward-mode twin of its backward; ``# (n)`` cites equation (n) there. Nothing here checks
+arguments or picks a variant: the wrappers in :mod:`torch_mlp.functional` do that.
 
 Sizes in shape comments: N batch, D input features, H hidden units (out features), C classes,
 M = rows after flattening leading dims. g is the incoming gradient dL/d(output).
@@ -22,7 +22,6 @@ from torch.autograd import Function
 __all__ = [
     "L2PenaltyFunction",
     "LinearFunction",
-    "LinearReLUFunction",
     "ReLUFunction",
     "SoftmaxCrossEntropyFunction",
 ]
@@ -71,21 +70,21 @@ def _linear_grads(needs: tuple[bool, ...], x: Tensor | None, weight: Tensor | No
     grad_x = grad_weight = grad_bias = None
     g2 = g if g.dim() == 2 else _rows(g)  # (M, H); a 2-D g as it is: two op calls fewer
     if needs[0]:
-        grad_x = g2.mm(weight.conj())  # g · weight, (M, D)
+        grad_x = g2.mm(weight.conj())  # (10) g · weight, (M, D)
         if g.dim() != 2:
             grad_x = grad_x.reshape(*g.shape[:-1], weight.shape[1])  # (*, D)
     if needs[1]:
         x2 = x if x.dim() == 2 else _rows(x)  # (M, D)
-        grad_weight = g2.t().mm(x2.conj())  # gᵀ · x, (H, D)
+        grad_weight = g2.t().mm(x2.conj())  # (11) gᵀ · x, (H, D)
     if needs[2]:
-        # Σ g over all rows, (H); a broadcast bias: Σ g over the dims it was broadcast along
+        # (12) Σ g over all rows, (H); a broadcast bias: Σ g over the dims it was broadcast along
         grad_bias = g2.sum(0) if bias_shape is None else g.sum_to_size(bias_shape)
     return grad_x, grad_weight, grad_bias
 
 
 def _linear_tangent(x: Tensor, weight: Tensor, x_t: Tensor | None, weight_t: Tensor | None,
                     bias_t: Tensor | None) -> Tensor | None:
-    """du = dx · weightᵀ + x · dweightᵀ + dbias: forward mode of the same product rule."""
+    """(22) du = dx · weightᵀ + x · dweightᵀ + dbias: forward mode of the same product rule."""
     u_t = None
     if x_t is not None:
         u_t = _affine(x_t, weight, None)
@@ -101,8 +100,8 @@ class LinearFunction(Function):
     """``u = x · weightᵀ + bias`` for x of shape (*, D), weight (H, D), bias (H) or None (or a
     shape that broadcasts to (*, H) without enlarging it, as ``F.linear`` takes).
 
-    Backward (g = dL/du): dL/dx = g · weight, dL/dweight = gᵀ · x (summed over every leading
-    dim), dL/dbias = Σ g.
+    Backward (g = dL/du): dL/dx = g · weight (10), dL/dweight = gᵀ · x (11) (summed over every
+    leading dim), dL/dbias = Σ g (12).
     """
 
     generate_vmap_rule = True
@@ -135,7 +134,7 @@ class LinearFunction(Function):
 # ReLU: h = max(0, u)
 # --------------------------------------------------------------------------------------------
 class ReLUFunction(Function):
-    """``h = max(0, u)``. Backward: dL/du = 1[u > 0] ⊙ g.
+    """``h = max(0, u)``. Backward: dL/du = 1[u > 0] ⊙ g (13).
 
     The Jacobian is diagonal, so the product with it is element-wise. The mask is read off the
     saved *output* (h > 0 exactly where u > 0): when the next Linear saves h as its input, the
@@ -149,9 +148,9 @@ class ReLUFunction(Function):
         if inplace:
             # Written through .data, whose version counter is its own: mark_dirty bumps u's,
             # so u's version goes up by 1, as after native relu_, not by 2.
-            u.data.clamp_min_(0)
+            u.data.relu_()
             return u
-        return u.clamp_min(0)
+        return torch.relu(u)  # relu, not clamp_min: ONNX export gives Relu, not Clip
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -165,7 +164,7 @@ class ReLUFunction(Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (h,) = ctx.saved_tensors
-        # 1[u > 0] ⊙ g as aten's threshold_backward(g, h, 0): (h > 0 ? g : 0) in one pass, no
+        # (13) 1[u > 0] ⊙ g as aten's threshold_backward(g, h, 0): (h > 0 ? g : 0) in one pass, no
         # (N, H) bool mask; zero at u = 0 and g's NaNs kept where h > 0, as PyTorch's relu.
         return _threshold_backward(g, h, 0), None
 
@@ -173,53 +172,12 @@ class ReLUFunction(Function):
     def jvp(ctx, u_t: Tensor, _inplace_t: None):
         (h,) = ctx.saved_tensors
         if ctx.inplace:  # an in-place op must update its input's tangent in place too
-            return u_t.masked_fill_(h <= 0, 0)
-        return u_t.masked_fill(h <= 0, 0)
+            return u_t.masked_fill_(h <= 0, 0)  # (23)
+        return u_t.masked_fill(h <= 0, 0)  # (23) 1[u > 0] ⊙ du
 
 
 # --------------------------------------------------------------------------------------------
-# Linear + ReLU: h = max(0, x W + c), the hidden layer in one Function
-# --------------------------------------------------------------------------------------------
-class LinearReLUFunction(Function):
-    """``h = max(0, x · weightᵀ + bias)``: a Linear and the ReLU after it, in one Function.
-
-    Backward: the two derivations above, chained (g = dL/dh). ReLU's first,
-    g_u = dL/du = 1[u > 0] ⊙ g (read off h); then Linear's with g_u:
-    dL/dx = g_u · weight, dL/dweight = g_uᵀ · x, dL/dbias = Σ g_u.
-
-    Fused so that a hidden layer is one Python forward and backward instead of two, and u,
-    seen by nobody else, is overwritten by h: one (N, H) tensor, not two.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return _affine(x, weight, bias).clamp_min_(0)  # u is a fresh tensor of ours, (*, H)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias = inputs
-        need = ctx.needs_input_grad
-        ctx.save_for_backward(x if need[1] else None, weight if need[0] else None, output)
-        ctx.save_for_forward(x, weight, output)
-        ctx.bias_shape = _bias_shape(weight, bias)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x, weight, h = ctx.saved_tensors
-        g_u = _threshold_backward(g, h, 0)  # ReLU's: 1[u > 0] ⊙ g
-        return _linear_grads(ctx.needs_input_grad, x, weight, g_u, ctx.bias_shape)  # Linear's
-
-    @staticmethod
-    def jvp(ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None):
-        x, weight, h = ctx.saved_tensors
-        u_t = _linear_tangent(x, weight, x_t, weight_t, bias_t)  # Linear's
-        return u_t.masked_fill(h <= 0, 0)  # then ReLU's: 1[u > 0] ⊙ du
-
-
-# --------------------------------------------------------------------------------------------
-# Softmax cross-entropy: L_i = -log p_{y_i}, p = softmax(z)
+# Softmax cross-entropy: L_i = −Σ_c Q_ic log p_ic, p = softmax(z)
 # --------------------------------------------------------------------------------------------
 # torch.nn._reduction.get_enum's codes, as aten's loss kernels take them.
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
@@ -231,13 +189,9 @@ class SoftmaxCrossEntropyFunction(Function):
     Takes logits z of shape (M, C) and a target of shape (M,) (class indices) or (M, C) (class
     probabilities); the wrapper ``cross_entropy`` brings every input layout to this one.
 
-    The derivation's case (index targets, no class weight, no smoothing):
-    ``dL/dz_i = s_i (p_i − onehot(y_i))`` with s_i = dL/dL_i (g, or g / N for the mean). With
-    label smoothing ε (still index targets, no class weight) the target is
-    Q_i = (1 − ε) onehot(y_i) + ε/C, which sums to 1: ``dL/dz_i = s_i (p_i − ε/C −
-    (1 − ε) onehot(y_i))``. Every other case is the general path below,
-    ``dL_i/dz_i = (Σ_c Q_ic) p_i − Q_i`` with Q the row's weighted, smoothed target: the same
-    form.
+    Every case is one target matrix Q (16): dL_i/dz_i = (Σ_c Q_ic) p_i − Q_i (17), times
+    s_i = dL/dL_i (9). Index targets without a class weight (Q sums to 1 on every kept row)
+    take a fast path, (7) or (18); class weights and probability targets build Q.
     """
 
     generate_vmap_rule = True
@@ -248,14 +202,14 @@ class SoftmaxCrossEntropyFunction(Function):
         logp = torch.log_softmax(z, dim=-1)  # (M, C), shifted log-sum-exp: stable at |z| ~ 1e4
         if not target.is_floating_point() and (label_smoothing == 0 or weight is None):
             if label_smoothing > 0:
-                # −Σ_c Q_ic log p_ic with Q_i = (1 − ε) onehot(y_i) + ε/C is the pick of
+                # (19) with w = 1: −Σ_c Q_ic log p_ic is the pick of
                 # (1 − ε) log p_i + (ε/C) Σ_c log p_ic at y_i: nll_loss below takes it.
                 # mul_, not add_'s alpha: CPU casts alpha to float16, where ε/C = 1e-9 is 0,
                 # and 0 · (−inf) would be NaN where native's loss is inf.
                 logp = logp.mul(1 - label_smoothing).add_(
                     logp.sum(-1, keepdim=True).mul_(label_smoothing / z.shape[-1]))
             # L_i = −w_{y_i} log p_{i,y_i}, 0 on ignored rows: nll_loss's pick, in one kernel;
-            # the mean is over the rows not ignored (Σ w_{y_i} with a class weight).
+            # the mean is over the rows not ignored (Σ w_{y_i} with a class weight), (20).
             return _nll_loss_nd(logp, target, weight, _REDUCTION_ENUM[reduction], ignore_index)
         return _general_loss(logp, target, weight, ignore_index, reduction, label_smoothing)
 
@@ -289,18 +243,18 @@ class SoftmaxCrossEntropyFunction(Function):
         y = target.unsqueeze(-1)
         valid = y != ctx.ignore_index
         if ctx.reduction == "mean":
-            g = g / valid.sum()  # the mean over the rows not ignored
+            g = g / valid.sum()  # (20): the mean over the rows not ignored
         elif ctx.reduction == "none":
             g = g.unsqueeze(-1)
-        s = torch.where(valid, g, 0)  # s_i = dL/dL_i; exactly 0 on ignored rows, even if g/0
+        s = torch.where(valid, g, 0)  # (9) s_i = dL/dL_i; exactly 0 on ignored rows, even if g/0
         C, eps = z.shape[-1], ctx.label_smoothing
         y = y.clamp(0, C - 1)  # ignored rows scatter s_i = 0 wherever they land
         p = torch.softmax(z, dim=-1)  # (M, C)
         if eps == 0:
-            # s_i (p_i − onehot(y_i)): the one-hot part scattered into s_i p_i, never built.
+            # (7) s_i (p_i − onehot(y_i)): the one-hot part scattered into s_i p_i, never built.
             grad_z = (p * s).scatter_add_(-1, y, -s)
         else:
-            # s_i (p_i − ε/C − (1 − ε) onehot(y_i)), the one-hot part scattered likewise;
+            # (18) s_i (p_i − ε/C − (1 − ε) onehot(y_i)), the one-hot part scattered likewise;
             # s_i p_i − s_i ε/C, not (p_i − ε/C) s_i: an infinite s_i gives NaN, as native's.
             grad_z = (p * s).sub_(s * (eps / C)).scatter_add_(-1, y, -(1 - eps) * s)
         return grad_z, None, None, None, None, None
@@ -315,44 +269,59 @@ class SoftmaxCrossEntropyFunction(Function):
                 "weight without a tangent (forward-mode AD: torch.func.jvp, jacfwd, hessian)"
             )
         z, target, weight = ctx.saved_tensors
-        M = z.shape[0]
-        terms = None
-        if not target.is_floating_point():
-            terms = _index_target_terms(target, weight, ctx.ignore_index, z.dtype)
-        dz, logp = _dloss_dz(ctx, z, target, weight, terms)  # dL_i/dz_i, (M, C)
-        row_t = (dz * z_t).sum(-1) if z_t is not None else z.new_zeros(M)  # dL_i, (M,)
-        if target_t is not None and target.is_floating_point():
-            row_t = row_t + (_dloss_dtarget(ctx, logp, weight) * target_t).sum(-1)
-        denom: Tensor | int = max(M, 1)  # as native: probability targets, M = 0: tangent 0
-        if terms is not None:
-            valid, _, w_y = terms
-            row_t = torch.where(valid, row_t, 0)  # ignored rows: no tangent
-            denom = w_y.sum()
-        if ctx.reduction == "none":
-            return row_t
-        # The mean divides last, as native: with index targets 0 / 0 = NaN when every row is
-        # ignored or M = 0.
-        return row_t.sum() if ctx.reduction == "sum" else row_t.sum() / denom
+        M, eps = z.shape[0], ctx.label_smoothing
+        terms = _index_terms(target, weight, ctx.ignore_index, z.dtype)
+        logp = torch.log_softmax(z, dim=-1)
+        row_t = z.new_zeros(M)  # dL_i, (M,)
+        if z_t is not None:
+            q = _target_matrix(z, target, weight, eps, terms)  # Q, (M, C)
+            row_t = ((q.sum(-1, keepdim=True) * logp.exp() - q) * z_t).sum(-1)  # (24) with (17)
+        if target_t is not None and terms is None:
+            row_t = row_t + (_dloss_dtarget(eps, logp, weight) * target_t).sum(-1)  # (24), (21)
+        if terms is None:  # as native: probability targets, M = 0: tangent 0
+            return _reduce(row_t, max(M, 1), ctx.reduction)
+        # Ignored rows have no tangent; the mean divides last, as native: 0 / 0 = NaN when every
+        # row is ignored or M = 0.
+        return _reduce(torch.where(terms[0], row_t, 0), terms[2].sum(), ctx.reduction)  # (20)
 
 
-# The general path: class weights, ignore_index, label smoothing, probability targets --------
-def _index_target_terms(target: Tensor, weight: Tensor | None, ignore_index: int,
-                        dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """For class-index targets: (valid mask, target with ignored rows set to 0, w_{y_i}), (M,)
-    each; w_{y_i} is the class weight of the row's target (1 without weight), 0 where ignored."""
+# The general path: class weights, label smoothing, probability targets ---------------------
+def _index_terms(target: Tensor, weight: Tensor | None, ignore_index: int,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
+    """For class-index targets: (kept rows, y with ignored rows set to 0, w_{y_i} with 0 on
+    ignored rows), (M,) each; None for probability targets."""
+    if target.is_floating_point():
+        return None
     valid = target != ignore_index
-    safe_t = torch.where(valid, target, 0)  # a valid index on every row, for gather
-    w_y = valid.to(dtype) if weight is None else torch.where(valid, weight.gather(0, safe_t), 0)
-    return valid, safe_t, w_y
+    y = torch.where(valid, target, 0)  # a valid index on every row, for gather and scatter
+    w_y = valid.to(dtype) if weight is None else torch.where(valid, weight.gather(0, y), 0)
+    return valid, y, w_y
 
 
-def _soft_target(target: Tensor, weight: Tensor | None, label_smoothing: float,
-                 num_classes: int) -> Tensor:
-    """Class-probability targets as the weighted distribution Q the loss is taken against."""
-    q = target
-    if label_smoothing > 0:
-        q = q * (1 - label_smoothing) + label_smoothing / num_classes
-    return q if weight is None else q * weight  # (M, C)
+def _target_matrix(z: Tensor, target: Tensor, weight: Tensor | None, eps: float,
+                   terms: tuple[Tensor, Tensor, Tensor] | None, s: Tensor | None = None
+                   ) -> Tensor:
+    """(16) Q_i = w ⊙ ((1 − ε) t_i + ε/C), t_i the row's probabilities or onehot(y_i), 0 on
+    ignored rows; times s_i (M,) when given. (M, C)."""
+    C = z.shape[-1]
+    if terms is None:
+        q = target if eps == 0 else target * (1 - eps) + eps / C
+        q = q if weight is None else q * weight
+        return q if s is None else s.unsqueeze(-1) * q
+    valid, y, w_y = terms
+    r = valid.to(z.dtype) if s is None else s  # 1 or s_i per row, 0 on ignored rows
+    q = torch.zeros_like(z)
+    if eps > 0:
+        q = q + (r * (eps / C)).unsqueeze(-1) * (1 if weight is None else weight)
+    # The one-hot part scattered after s_i scales it: an infinite s_i gives inf, as native's,
+    # not inf · 0 = NaN, in the other classes.
+    return q.scatter_add(-1, y.unsqueeze(-1), (r * ((1 - eps) * w_y)).unsqueeze(-1))
+
+
+def _dloss_dtarget(eps: float, logp: Tensor, weight: Tensor | None) -> Tensor:
+    """(21) dL_i/dt_ic = −(1 − ε) w_c log p_ic, for probability targets, (M, C)."""
+    dt = -(1 - eps) * logp
+    return dt if weight is None else dt * weight
 
 
 def _reduce(loss: Tensor, denom: Tensor | int, reduction: str) -> Tensor:
@@ -365,88 +334,43 @@ def _reduce(loss: Tensor, denom: Tensor | int, reduction: str) -> Tensor:
 
 def _general_loss(logp: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                   reduction: str, label_smoothing: float) -> Tensor:
-    """L_i = −Σ_c Q_ic log p_ic, reduced: the mean over M rows for probabilities, over
-    Σ w_{y_i} for index targets (ignored rows cost 0). Index targets come here only with both
+    """(15) L_i = −Σ_c Q_ic log p_ic, reduced by (20). Index targets come here only with both
     a class weight and label smoothing: forward's nll_loss pick takes every other case."""
     C = logp.shape[-1]
     if target.is_floating_point():
-        loss = -(_soft_target(target, weight, label_smoothing, C) * logp).sum(-1)  # (M,)
+        q = _target_matrix(logp, target, weight, label_smoothing, None)  # (M, C)
+        loss = -(q * logp).sum(-1)  # (M,)
         return _reduce(loss, loss.shape[0], reduction)
-    valid, safe_t, w_y = _index_target_terms(target, weight, ignore_index, logp.dtype)
-    nll = -logp.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)  # (M,) −log p_{y_i}
+    valid, y, w_y = _index_terms(target, weight, ignore_index, logp.dtype)
+    nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (M,) −log p_{i,y_i}
     smooth = -(logp * weight).sum(-1)  # (M,) −Σ_c w_c log p_ic
+    # (19), Q written out: ε/C scales the row's sum, as native's, not each entry of Q, where
+    # float16 may round it to 0 and turn a −inf log p into NaN instead of inf.
     loss = (1 - label_smoothing) * (w_y * nll) + (label_smoothing / C) * smooth
     loss = torch.where(valid, loss, 0)  # ignored rows cost 0 (where, so inf·0 is no NaN)
     return _reduce(loss, w_y.sum(), reduction)
 
 
-def _row_scale(ctx, z: Tensor, target: Tensor, weight: Tensor | None, g: Tensor,
-               terms: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    """s_i = dL/dL_i for every row, (M,): g, or g/M for mean (g/Σw_{y_i} with index targets);
-    exactly 0 on ignored rows, even when every row is ignored and g/0 is inf."""
-    M = z.shape[0]
-    valid = None
-    denom: Tensor | int = M
-    if not target.is_floating_point():
-        valid, _, w_y = terms or _index_target_terms(target, weight, ctx.ignore_index, z.dtype)
-        denom = w_y.sum()
-    if ctx.reduction == "none":
-        scale = g
-    elif ctx.reduction == "sum":
-        scale = g.expand(M)
-    else:
-        scale = (g / denom).expand(M)
-    return scale if valid is None else torch.where(valid, scale, 0)
-
-
-def _dloss_dz(ctx, z: Tensor, target: Tensor, weight: Tensor | None,
-              terms: tuple[Tensor, Tensor, Tensor] | None = None,
-              scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(s_i ((Σ_c Q_ic) p_i − Q_i) for every row, log p), both (M, C); s = ``scale`` or 1.
-
-    Q_i = (1−ε) w_{y_i} onehot(y_i) + (ε/C) w on valid index rows, 0 on ignored ones; its
-    one-hot part is scattered into place, never built as an (M, C) tensor.
-    """
-    C, eps = z.shape[-1], ctx.label_smoothing
-    logp = torch.log_softmax(z, dim=-1)
-    p = logp.exp()  # softmax(z), (M, C)
-    if target.is_floating_point():
-        q = _soft_target(target, weight, eps, C)
-        dz = p * q.sum(-1, keepdim=True) - q
-        return (dz if scale is None else scale.unsqueeze(-1) * dz), logp
-    valid, safe_t, w_y = terms or _index_target_terms(target, weight, ctx.ignore_index, z.dtype)
-    hot = w_y if eps == 0 else (1 - eps) * w_y  # (M,) the one-hot part's weight
-    if scale is not None:
-        hot = scale * hot  # (M,) factors scaled before they meet (M, C): one pass less
-    q_sum = hot  # Σ_c Q_ic, (M,)
-    if eps > 0:
-        # valid in z's dtype: a bool mask times a Python float would come out in float32.
-        valid_z = valid.to(z.dtype) if scale is None else scale * valid.to(z.dtype)
-        q_sum = hot + valid_z * (eps / C * (C if weight is None else weight.sum()))
-    dz = p * q_sum.unsqueeze(-1)
-    if eps > 0:
-        dz = dz - valid_z.unsqueeze(-1) * ((eps / C) * (1 if weight is None else weight))
-    return dz.scatter_add(-1, safe_t.unsqueeze(-1), -hot.unsqueeze(-1)), logp  # − onehot part
-
-
-def _dloss_dtarget(ctx, logp: Tensor, weight: Tensor | None) -> Tensor:
-    """dL_i/dt_ic = −(1 − ε) w_c log p_ic, for class-probability targets, (M, C)."""
-    dt = -(1 - ctx.label_smoothing) * logp
-    return dt if weight is None else dt * weight
-
-
 def _general_grads(ctx, z: Tensor, target: Tensor, weight: Tensor | None,
                    g: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """(dL/dz, dL/dtarget) = (s_i dL_i/dz_i, s_i dL_i/dt_i), each None where not needed."""
-    terms = None  # the target's valid mask, safe index and w_{y_i}: computed once here
-    if not target.is_floating_point():
-        terms = _index_target_terms(target, weight, ctx.ignore_index, z.dtype)
-    scale = _row_scale(ctx, z, target, weight, g, terms)  # (M,)
-    dz, logp = _dloss_dz(ctx, z, target, weight, terms, scale)
-    grad_z = dz if ctx.needs_input_grad[0] else None
-    grad_target = None
+    """(dL/dz, dL/dtarget) = s_i times (17) and (21), each None where not needed."""
+    M, eps = z.shape[0], ctx.label_smoothing
+    terms = _index_terms(target, weight, ctx.ignore_index, z.dtype)
+    if ctx.reduction == "none":
+        s = g  # (9) s_i = dL/dL_i, (M,)
+    elif ctx.reduction == "sum":
+        s = g.expand(M)
+    else:
+        s = (g / (M if terms is None else terms[2].sum())).expand(M)  # (20)
+    if terms is not None:
+        s = torch.where(terms[0], s, 0)  # exactly 0 on ignored rows, even where g/0 is inf
+    logp = torch.log_softmax(z, dim=-1)
+    grad_z = grad_target = None
+    if ctx.needs_input_grad[0]:
+        sq = _target_matrix(z, target, weight, eps, terms, s)  # s_i Q_i, (M, C)
+        grad_z = sq.sum(-1, keepdim=True) * logp.exp() - sq  # (17), times s_i
     if ctx.needs_input_grad[1]:
-        grad_target = scale.unsqueeze(-1) * _dloss_dtarget(ctx, logp, weight)
+        grad_target = s.unsqueeze(-1) * _dloss_dtarget(eps, logp, weight)  # (21), times s_i
     return grad_z, grad_target
 
 
@@ -454,7 +378,7 @@ def _general_grads(ctx, z: Tensor, target: Tensor, weight: Tensor | None,
 # L2 penalty: ½ λ Σ W²
 # --------------------------------------------------------------------------------------------
 class L2PenaltyFunction(Function):
-    """``½ λ Σ_k ‖W_k‖²`` over any number of tensors. Backward: d/dW_k = λ W_k (times g)."""
+    """``½ λ Σ_k ‖W_k‖²`` over any number of tensors. Backward: d/dW_k = λ W_k (times g) (14)."""
 
     generate_vmap_rule = True
 
@@ -475,7 +399,7 @@ class L2PenaltyFunction(Function):
         weights = ctx.saved_tensors
         scale = g * ctx.lam  # 0-dim: the product with each W is then one pass over it
         grads = [
-            w * scale if ctx.needs_input_grad[k + 1] else None  # λ W (times g), as derived
+            w * scale if ctx.needs_input_grad[k + 1] else None  # (14) λ W, times g
             for k, w in enumerate(weights)
         ]
         return (None, *grads)
@@ -484,4 +408,4 @@ class L2PenaltyFunction(Function):
     def jvp(ctx, _lam_t, *weights_t):
         weights = ctx.saved_tensors
         terms = [(w * w_t).sum() for w, w_t in zip(weights, weights_t) if w_t is not None]
-        return ctx.lam * torch.stack(terms).sum()
+        return ctx.lam * torch.stack(terms).sum()  # (25) λ Σ W ⊙ dW
