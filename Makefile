@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+INTEGRATIONS := $(VENV)/.integrations
 
-.PHONY: test train bench lint check-grads clean
+.PHONY: test test-integrations train bench lint check-grads clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,16 @@ $(STAMP): $(PY) pyproject.toml
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# The real clients (Lightning, accelerate, skorch, ONNX, ...) and the tutorial notebook:
+# installs the integrations extra into .venv, then runs the tests marked integration
+# (tests/integration/ and the docs blocks that need the extra).
+$(INTEGRATIONS): $(STAMP)
+	$(PY) -m pip install -e ".[train,dev,integrations]"
+	touch $(INTEGRATIONS)
+
+test-integrations: $(INTEGRATIONS)
+	$(PY) -m pytest -m integration tests/integration tests/test_docs.py
 
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
