@@ -71,7 +71,7 @@ def relu(u: Tensor, inplace: bool = False) -> Tensor:
     """
     if native_enabled():
         return TF.relu(u, inplace=inplace)
-    h = apply(_RELU, u, False)
+    h = apply(_RELU, u)
     return u.copy_(h) if inplace else h
 
 

@@ -144,20 +144,11 @@ class ReLUFunction(Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(u: Tensor, inplace: bool) -> Tensor:
-        if inplace:
-            # Written through .data, whose version counter is its own: mark_dirty bumps u's,
-            # so u's version goes up by 1, as after native relu_, not by 2.
-            u.data.relu_()
-            return u
+    def forward(u: Tensor) -> Tensor:
         return torch.relu(u)  # relu, not clamp_min: ONNX export gives Relu, not Clip
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, inplace = inputs
-        ctx.inplace = inplace
-        if inplace:
-            ctx.mark_dirty(u)
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)
 
@@ -166,13 +157,11 @@ class ReLUFunction(Function):
         (h,) = ctx.saved_tensors
         # (13) 1[u > 0] ⊙ g as aten's threshold_backward(g, h, 0): (h > 0 ? g : 0) in one pass, no
         # (N, H) bool mask; zero at u = 0 and g's NaNs kept where h > 0, as PyTorch's relu.
-        return _threshold_backward(g, h, 0), None
+        return _threshold_backward(g, h, 0)
 
     @staticmethod
-    def jvp(ctx, u_t: Tensor, _inplace_t: None):
+    def jvp(ctx, u_t: Tensor):
         (h,) = ctx.saved_tensors
-        if ctx.inplace:  # an in-place op must update its input's tangent in place too
-            return u_t.masked_fill_(h <= 0, 0)  # (23)
         return u_t.masked_fill(h <= 0, 0)  # (23) 1[u > 0] ⊙ du
 
 
