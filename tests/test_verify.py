@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import namedtuple
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,25 +24,12 @@ from torch_mlp.functions import L2PenaltyFunction, LinearFunction
 
 torchvision = pytest.importorskip("torchvision")
 
-# The README's example, run verbatim by test_readme_example.
-README_EXAMPLE = """\
-import torch, torchvision, torch_mlp
-import torch_mlp.functional as F
-
-model = torch_mlp.convert(torchvision.ops.MLP(784, [128, 10]))  # hand-derived backward
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-def compute_loss(model, x, y):  # any loss; reads the model it is given
-    weights = [m.weight for m in model.modules() if isinstance(m, torch_mlp.Linear)]
-    return F.cross_entropy(model(x), y) + F.l2_penalty(weights, 1e-4)
-
-for step in range(3):
-    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
-    loss = compute_loss(model, x, y)
-    opt.zero_grad(); loss.backward()
-    print(torch_mlp.verify.check(model, compute_loss, x, y, loss=loss))  # VerifyError if off
-    opt.step()
-"""
+def _readme_example() -> str:
+    """The README's verify example, the python block that calls torch_mlp.verify.check."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
+    (block,) = [b for b in blocks if "torch_mlp.verify.check(" in b]
+    return block
 
 
 def _weights(model: nn.Module) -> list[Tensor]:
@@ -457,7 +446,7 @@ def test_structured_inputs_are_cast(wrap: Any) -> None:
 
 
 def test_readme_example(capsys: pytest.CaptureFixture[str]) -> None:
-    exec(compile(README_EXAMPLE, "README example", "exec"), {})
+    exec(compile(_readme_example(), "README example", "exec"), {})
     out = capsys.readouterr().out
     assert out.count("verify vs native autograd (torch.float32") == 3
     assert "FAILED" not in out
