@@ -24,6 +24,7 @@ from torch_mlp.functions import L2PenaltyFunction, LinearFunction
 
 torchvision = pytest.importorskip("torchvision")
 
+
 def _readme_example() -> str:
     """The README's verify example, the python block that calls torch_mlp.verify.check."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
