@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,13 @@ def test_metadata_names_authors_urls_classifiers_and_the_licence() -> None:
                 if c.startswith("Programming Language :: Python :: 3.")}
     assert versions == set(PYTHONS)
     assert project["requires-python"] == f">={PYTHONS[0]}"
+
+
+def test_ci_matrix_covers_the_classified_pythons() -> None:
+    workflow = (ROOT / ".github" / "workflows" / "tests.yml").read_text()
+    matrix = re.search(r"python-version:\s*\[([^\]]*)\]", workflow)
+    assert matrix, "the workflow has no python-version matrix"
+    assert re.findall(r'"([0-9.]+)"', matrix.group(1)) == PYTHONS
 
 
 def test_licence_files_say_what_they_cover() -> None:
