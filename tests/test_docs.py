@@ -228,16 +228,6 @@ def test_relative_links_point_to_files_that_exist(page: Path) -> None:
     assert not missing, f"{page.name} links to missing files: {missing}"
 
 
-def test_readme_verify_example_is_the_one_test_verify_runs() -> None:
-    # Read the string off test_verify.py's source: importing it would import its test helpers.
-    tree = ast.parse((ROOT / "tests" / "test_verify.py").read_text())
-    example = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
-                   and any(getattr(t, "id", "") == "README_EXAMPLE" for t in node.targets))
-    blocks = [b for b in _python_blocks(README.read_text()) if "torch_mlp.verify.check" in b]
-    assert len(blocks) == 1, "the README should have one python block calling verify.check"
-    assert blocks[0] == example
-
-
 def test_compatibility_table_names_tests_that_exist() -> None:
     sources = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
     named = set(re.findall(r"`(?:tests/[\w/]+\.py::)?(test_\w+)`",

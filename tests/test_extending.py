@@ -15,19 +15,16 @@ from torch_mlp.testing import check_function
 DOC = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 
 
-def _run_doc(monkeypatch) -> tuple[dict, str]:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) == 2
+def _run_doc(monkeypatch) -> dict:
+    (block,) = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
     monkeypatch.setitem(torch_mlp.modules.TWINS, nn.Sigmoid, None)  # restored after the test
     namespace: dict = {"__name__": "extending_example"}
-    exec(compile(blocks[0], str(DOC), "exec"), namespace)
-    return namespace, blocks[1]
+    exec(compile(block, str(DOC), "exec"), namespace)
+    return namespace
 
 
 def test_extending_example_op_passes_check_function(monkeypatch) -> None:
-    ns, check_block = _run_doc(monkeypatch)
-    torch.manual_seed(0)
-    exec(compile(check_block, str(DOC), "exec"), ns)
+    ns = _run_doc(monkeypatch)
     result = ns["result"]
     assert result.failures == []
     u = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
@@ -42,7 +39,7 @@ def test_extending_example_op_passes_check_function(monkeypatch) -> None:
 
 def test_extending_example_catches_a_wrong_backward(monkeypatch) -> None:
     # The check the doc relies on can fail: a backward without the (1 - s) factor is caught.
-    ns, _ = _run_doc(monkeypatch)
+    ns = _run_doc(monkeypatch)
     fn = ns["SigmoidFunction"]
 
     def wrong(ctx, g):
@@ -56,7 +53,7 @@ def test_extending_example_catches_a_wrong_backward(monkeypatch) -> None:
 
 
 def test_extending_example_traces_with_fx(monkeypatch) -> None:
-    ns, _ = _run_doc(monkeypatch)
+    ns = _run_doc(monkeypatch)
     model = nn.Sequential(torch_mlp.Linear(3, 2), ns["Sigmoid"]())
     traced = torch.fx.symbolic_trace(model)
     assert ns["sigmoid"] in [n.target for n in traced.graph.nodes]
