@@ -1,4 +1,4 @@
-"""DDP helpers for the tests: a free local port, and one train.py process for test_train.py's
+"""DDP helpers for the tests: a free local port, and one trainer process for test_train.py's
 two-process test (a torch.multiprocessing.spawn target)."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ def free_port() -> int:
 
 
 def run(rank: int, world_size: int, port: int, argv: list[str], data: Any) -> None:
-    # What torchrun would set; train.py's own code then joins the group (gloo on CPU).
+    # What torchrun would set; the trainer's own code then joins the group (gloo on CPU).
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import train
+    from torch_mlp.train import main
 
-    train.main([*argv, "--threads", "1"], data=data)
+    main([*argv, "--threads", "1"], data=data)

@@ -21,6 +21,6 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if _root is None:
         env = os.environ.get("TORCH_MLP_TEST_DATA")
         root = Path(env) if env else tmp_path_factory.mktemp("mnist")
-        prepare_mnist(root, download=False)
+        prepare_mnist(root)
         _root = root
     return _root

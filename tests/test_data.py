@@ -1,8 +1,10 @@
-"""torch_mlp.data: the bundled MNIST unpacks and verifies, its known facts hold, bad files fail."""
+"""torch_mlp.data: the bundled MNIST unpacks and verifies, its known facts hold, bad files fail,
+and only the checked files are read."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,6 @@ from torch_mlp.data import (
     prepare_mnist,
     raw_dir,
     shuffled_batches,
-    verify_file,
 )
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -32,13 +33,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def mnist(root: Path) -> D.MNISTTensors:
-    return load_mnist(root, "cpu", download=False)
-
-
-@pytest.fixture
-def fresh_checks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forget which files this process already checked, so every check hashes again."""
-    monkeypatch.setattr(D, "_VERIFIED", set())
+    return load_mnist(root, "cpu")
 
 
 def _copy_raw(src_root: Path, dst_root: Path) -> Path:
@@ -51,21 +46,21 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in RAW_FILES)
 
 
-def test_bundled_copy_unpacks_and_verifies(tmp_path: Path, fresh_checks: None) -> None:
-    raw = prepare_mnist(tmp_path, download=False)
+def test_bundled_copy_unpacks_and_verifies(tmp_path: Path) -> None:
+    raw = prepare_mnist(tmp_path)
     assert raw == tmp_path / "MNIST" / "raw"
-    for name, (size, _, _) in RAW_FILES.items():
-        assert (raw / name).stat().st_size == size
-        verify_file(raw / name)
+    for name, (size, sha) in RAW_FILES.items():
+        data = (raw / name).read_bytes()
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
     assert _leftovers(raw) == []  # no temporary file left behind
 
 
 def test_checksum_table_matches_source_md() -> None:
     # The table in data.py is copied from SOURCE.md; they must not drift apart.
     source = (Path(D.__file__).parent / "_mnist" / "SOURCE.md").read_text()
-    for name, (_, md5, sha) in RAW_FILES.items():
+    for name, (_, sha) in RAW_FILES.items():
         line = next(x for x in source.splitlines() if x.startswith(f"| {name}"))
-        assert md5 in line and sha in line, name
+        assert sha in line, name
 
 
 def test_label_counts(mnist: D.MNISTTensors) -> None:
@@ -73,22 +68,39 @@ def test_label_counts(mnist: D.MNISTTensors) -> None:
     assert torch.bincount(mnist.y_test).tolist() == TEST_COUNTS
 
 
-def test_transformed_once_to_flat_normalised_tensors(root: Path, mnist: D.MNISTTensors) -> None:
-    assert mnist.x_train.shape == (60000, 784) and mnist.x_test.shape == (10000, 784)
-    assert mnist.x_train.dtype == torch.float32 and mnist.y_train.dtype == torch.int64
+def test_read_as_torchvision_reads_the_files(root: Path, mnist: D.MNISTTensors) -> None:
+    mnist_io = pytest.importorskip("torchvision.datasets.mnist")
+    raw = raw_dir(root)
+    images = mnist_io.read_image_file(str(raw / "train-images-idx3-ubyte"))  # (60000, 28, 28)
+    assert torch.equal(mnist.y_test, mnist_io.read_label_file(str(raw / "t10k-labels-idx1-ubyte")))
     # The known pixel statistics of the training set, on the raw bytes ...
-    from torchvision.datasets import MNIST
-
-    raw = MNIST(str(root), train=True, download=False).data  # (60000, 28, 28) uint8
-    std, mean = torch.std_mean(raw.float() / 255)
+    std, mean = torch.std_mean(images.float() / 255)
     assert mean.item() == pytest.approx(0.1307, abs=5e-5)
     assert std.item() == pytest.approx(0.3081, abs=5e-5)
-    # ... hence mean 0 and std 1 after the normalisation.
+    # ... hence mean 0 and std 1 after the normalisation, flattened to (N, 784).
+    assert mnist.x_train.shape == (60000, 784) and mnist.x_test.shape == (10000, 784)
+    assert mnist.x_train.dtype == torch.float32 and mnist.y_train.dtype == torch.int64
     std, mean = torch.std_mean(mnist.x_train)
     assert mean.item() == pytest.approx(0.0, abs=1e-3)
     assert std.item() == pytest.approx(1.0, abs=1e-3)
-    expected = (raw[:3].reshape(3, -1).double() / 255 - D.MEAN) / D.STD
-    torch.testing.assert_close(mnist.x_train[:3].double(), expected, rtol=1e-6, atol=1e-6)
+    expected = (images[-500:].reshape(500, -1).double() / 255 - D.MEAN) / D.STD
+    torch.testing.assert_close(mnist.x_train[-500:].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_stale_processed_cache_is_not_read(root: Path, tmp_path: Path,
+                                             mnist: D.MNISTTensors) -> None:
+    # Older torchvision wrote processed/{training,test}.pt, and its MNIST class prefers them
+    # to the raw files; here they hold shuffled labels. The checked raw files are what counts.
+    _copy_raw(root, tmp_path)
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for split, y in (("training", mnist.y_train), ("test", mnist.y_test)):
+        images = torch.zeros(len(y), 28, 28, dtype=torch.uint8)
+        torch.save((images, y[torch.randperm(len(y), generator=g)]), processed / f"{split}.pt")
+    got = load_mnist(tmp_path)
+    assert torch.equal(got.y_train, mnist.y_train) and torch.equal(got.y_test, mnist.y_test)
+    assert torch.equal(got.x_train, mnist.x_train)
 
 
 def _flip_byte(path: Path, offset: int) -> None:
@@ -100,98 +112,72 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 
 @pytest.mark.parametrize("name", list(RAW_FILES))
-def test_flipped_byte_is_refused(name: str, root: Path, tmp_path: Path,
-                                 fresh_checks: None) -> None:
+def test_flipped_byte_is_refused(name: str, root: Path, tmp_path: Path) -> None:
     raw = _copy_raw(root, tmp_path)
     _flip_byte(raw / name, RAW_FILES[name][0] // 2)
-    with pytest.raises(MNISTIntegrityError, match=rf"{name} is corrupted: md5 .*Delete it"):
-        load_mnist(tmp_path, download=False)
+    with pytest.raises(MNISTIntegrityError, match=rf"{name} is corrupted: sha256 .*Delete it"):
+        load_mnist(tmp_path)
     # What the message says to do works: delete it, run again, get a good copy.
     (raw / name).unlink()
-    prepare_mnist(tmp_path, download=False)
-    verify_file(raw / name)
+    load_mnist(tmp_path)
 
 
 @pytest.mark.parametrize("change", ["truncated", "too long"])
-def test_wrong_size_is_refused(change: str, root: Path, tmp_path: Path,
-                               fresh_checks: None) -> None:
+def test_wrong_size_is_refused(change: str, root: Path, tmp_path: Path) -> None:
     raw = _copy_raw(root, tmp_path)
     path = raw / "train-labels-idx1-ubyte"
     data = path.read_bytes()
     path.write_bytes(data[:-100] if change == "truncated" else data + b"\0")
     with pytest.raises(MNISTIntegrityError, match=rf"train-labels-idx1-ubyte.*\({change}\)"):
-        prepare_mnist(tmp_path, download=False)
+        load_mnist(tmp_path)
 
 
-def test_directory_in_place_of_a_file_is_named_as_such(root: Path, tmp_path: Path,
-                                                       fresh_checks: None) -> None:
+def test_directory_in_place_of_a_file_is_named_as_such(root: Path, tmp_path: Path) -> None:
     raw = _copy_raw(root, tmp_path)
     path = raw / "train-labels-idx1-ubyte"
     path.unlink()
     path.mkdir()
     with pytest.raises(MNISTIntegrityError, match=rf"^{path} is a directory, not the MNIST file "
                        r"train-labels-idx1-ubyte\. Move it away or remove it and run again"):
-        prepare_mnist(tmp_path, download=False)
-    # What the message says to do works.
-    path.rmdir()
-    prepare_mnist(tmp_path, download=False)
-    verify_file(path)
+        load_mnist(tmp_path)
+    path.rmdir()  # what the message says to do works
+    load_mnist(tmp_path)
 
 
 def test_interrupted_unpack_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           fresh_checks: None) -> None:
-    real_open = gzip.open
+                                           root: Path) -> None:
+    real = Path.write_bytes
 
-    class Interrupting:
-        """A gzip stream that is interrupted (Ctrl-C) after its first chunks."""
+    def interrupted(tmp: Path, data: bytes) -> None:
+        real(tmp, data[: len(data) // 2])
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the write
 
-        def __init__(self, *a: object, **k: object) -> None:
-            self.f = real_open(*a, **k)
-            self.reads = 0
-
-        def __enter__(self) -> Interrupting:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.f.close()
-
-        def read(self, n: int) -> bytes:
-            self.reads += 1
-            if self.reads > 3:
-                raise KeyboardInterrupt
-            return self.f.read(n)
-
-    monkeypatch.setattr(D.gzip, "open", Interrupting)
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare_mnist(tmp_path, download=False)
+        prepare_mnist(tmp_path)
     raw = raw_dir(tmp_path)
-    # Unpacked in the order of RAW_FILES: the big first file was cut off, nothing else began.
-    assert sorted(p.name for p in raw.iterdir()) == []
-    monkeypatch.setattr(D.gzip, "open", real_open)
-    prepare_mnist(tmp_path, download=False)  # the next run unpacks everything, good
+    assert sorted(p.name for p in raw.iterdir()) == []  # nothing half-written, nothing left
+    monkeypatch.setattr(Path, "write_bytes", real)
+    load_mnist(tmp_path)  # the next run unpacks everything, good
     assert _leftovers(raw) == []
 
 
-def test_half_written_file_from_a_hard_kill_does_not_pass(
-    root: Path, tmp_path: Path, fresh_checks: None
-) -> None:
+def test_half_written_file_from_a_hard_kill_does_not_pass(root: Path, tmp_path: Path) -> None:
     # A kill -9 midway leaves only a temporary file, under another name: it is ignored and the
     # real file is unpacked afresh. A half file under the real name (say, a copy by hand) fails.
     raw = raw_dir(tmp_path)
     raw.mkdir(parents=True)
     good = (raw_dir(root) / "t10k-labels-idx1-ubyte").read_bytes()
     (raw / ".t10k-labels-idx1-ubyte.abc123.partial").write_bytes(good[:5000])
-    prepare_mnist(tmp_path, download=False)
+    load_mnist(tmp_path)
     (raw / "t10k-labels-idx1-ubyte").write_bytes(good[:5000])
     with pytest.raises(MNISTIntegrityError, match=r"t10k-labels-idx1-ubyte .*truncated"):
-        prepare_mnist(tmp_path, download=False)
+        load_mnist(tmp_path)
 
 
-def test_damaged_bundled_copy_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         fresh_checks: None) -> None:
-    original = D.bundled_dir()
+def test_damaged_bundled_copy_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundled = tmp_path / "bundled"
-    shutil.copytree(original, bundled)
+    shutil.copytree(D._BUNDLED, bundled)
     # Broken gzip: caught by gzip itself.
     trunc = bundled / "t10k-images-idx3-ubyte.gz"
     trunc.write_bytes(trunc.read_bytes()[:1000])
@@ -200,24 +186,21 @@ def test_damaged_bundled_copy_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     data = bytearray(gzip.decompress(path.read_bytes()))
     data[100] ^= 0xFF
     path.write_bytes(gzip.compress(bytes(data)))
-    monkeypatch.setattr(D, "bundled_dir", lambda: bundled)
+    monkeypatch.setattr(D, "_BUNDLED", bundled)
     out = tmp_path / "data"
     with pytest.raises(MNISTIntegrityError, match=r"t10k-images-idx3-ubyte.gz cannot be unpacked"):
-        prepare_mnist(out, download=False)
-    shutil.copy(original / trunc.name, trunc)
+        prepare_mnist(out)
+    shutil.copy(Path(D.__file__).parent / "_mnist" / trunc.name, trunc)
     with pytest.raises(MNISTIntegrityError, match=r"t10k-labels-idx1-ubyte.gz unpacks to bad"):
-        prepare_mnist(out, download=False)
+        prepare_mnist(out)
     assert not (raw_dir(out) / "t10k-labels-idx1-ubyte").exists()
     assert _leftovers(raw_dir(out)) == []
 
 
 def test_download_fallback_without_bundled_copy(root: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch,
-                                                fresh_checks: None) -> None:
-    monkeypatch.setattr(D, "bundled_dir", lambda: None)
-    with pytest.raises(MNISTIntegrityError, match="no bundled copy"):
-        prepare_mnist(tmp_path / "a", download=False)
-
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setattr(D, "_BUNDLED", tmp_path / "nothing")
     calls = []
 
     class FakeMNIST:  # stands in for torchvision's download, which needs a network
@@ -225,10 +208,8 @@ def test_download_fallback_without_bundled_copy(root: Path, tmp_path: Path,
             calls.append(download)
             shutil.copytree(raw_dir(root), raw_dir(path), dirs_exist_ok=True)
 
-    import torchvision.datasets
-
     monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
-    prepare_mnist(tmp_path / "b", download=True)
+    load_mnist(tmp_path / "b")
     assert calls == [True]
 
     class Offline:
@@ -237,13 +218,7 @@ def test_download_fallback_without_bundled_copy(root: Path, tmp_path: Path,
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
     with pytest.raises(MNISTIntegrityError, match="download failed"):
-        prepare_mnist(tmp_path / "c", download=True)
-
-
-def test_verify_file_unknown_name(tmp_path: Path) -> None:
-    (tmp_path / "x").write_bytes(b"")
-    with pytest.raises(ValueError, match="not an MNIST file"):
-        verify_file(tmp_path / "x")
+        prepare_mnist(tmp_path / "c")
 
 
 @pytest.mark.parametrize("n,batch,world", [(1000, 128, 1), (1000, 128, 2), (999, 64, 4)],

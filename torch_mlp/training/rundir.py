@@ -1,0 +1,134 @@
+"""What a run keeps on disk, in a run directory that belongs to it alone (:func:`take`):
+checkpoints (a dict of tensors and plain containers, so ``weights_only=True`` reads it, with
+the SHA-256 of its content) and every other file, each written atomically (:func:`write`).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from ..data import atomic_write
+from .config import TrainingError
+
+__all__ = ["FORMAT", "LOCK", "digest", "load_checkpoint", "save_checkpoint", "take", "write",
+           "write_metrics"]
+
+FORMAT = "torch_mlp.train/2"
+LOCK = ".torch_mlp.lock"  # its presence marks a run directory; flock on it, the run's own
+
+
+def take(out: Path, resume: str | None) -> IO[str]:
+    """Lock ``out`` for this run; the lock lasts until the returned file is closed (or the
+    process ends). Refused, in one line: a directory another run holds, a non-empty one that is
+    no run directory, and another run's directory (unless it is the one of ``resume``)."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / LOCK).is_file():
+        raise TrainingError(f"--out {out} is not empty and is not a torch_mlp run directory: "
+                            f"choose a new or empty directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "a+")  # noqa: SIM115 (held open for the run's lifetime)
+    except OSError as e:
+        raise TrainingError(f"--out {out}: cannot create the run directory ({e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another run"
+        lock.close()
+        raise TrainingError(f"--out {out} is in use by {holder}: wait for that run to end, or "
+                            f"choose another --out") from None
+    own = resume is not None and Path(resume).resolve().parent == out.resolve()
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    if others and not own:  # checked under the lock: no other run can write here any more
+        lock.close()
+        ck = out / "checkpoint.pt"
+        hint = f"continue it with --resume {ck}, or" if ck.is_file() else "delete it or"
+        raise TrainingError(f"--out {out} holds another run ({', '.join(others[:4])}): {hint} "
+                            f"choose another --out")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def write(path: Path, write_to: Callable[[Path], None], kept: str) -> None:
+    """``write_to(tmp)``, then renamed onto ``path`` (:func:`torch_mlp.data.atomic_write`); an
+    OSError (a full disk, say) is one line naming the file and ``kept``, what is left."""
+    try:
+        atomic_write(path, write_to)
+    except OSError as e:
+        raise TrainingError(f"cannot write {path} ({e.strerror or e}); {kept}") from None
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of every tensor's dtype, shape and bytes and every other value's repr, each with
+    its place in ``obj``."""
+    h = hashlib.sha256()
+
+    def feed(where: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                feed(f"{where}/{k!r}", x)
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                feed(f"{where}/{i}", x)
+        elif isinstance(v, torch.Tensor):
+            h.update(f"{where}:{v.dtype}{list(v.shape)}".encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            h.update(f"{where}={v!r}".encode())
+
+    feed("", obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any], kept: str) -> None:
+    """``torch.save`` of ``checkpoint`` and its digest, atomically (:func:`write`)."""
+    signed = {**checkpoint, "format": FORMAT}
+    signed["sha256"] = digest(signed)
+    write(path, lambda tmp: torch.save(signed, tmp), kept)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path``, read with ``weights_only=True`` onto the CPU and checked
+    against its digest: damage anywhere, in the zip records or the bytes they hold, is one line."""
+    if not Path(path).is_file():
+        what = "is a directory, not a checkpoint file" if Path(path).is_dir() else "no such file"
+        raise TrainingError(f"checkpoint {path}: {what}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        why = "its content does not match its SHA-256"
+        ok = isinstance(ck, dict) and ck.get("format") == FORMAT and \
+            ck.pop("sha256", None) == digest(ck)
+    except Exception as e:  # whatever a damaged zip or pickle makes torch.load raise
+        why, ok = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False
+    if not ok:
+        raise TrainingError(f"checkpoint {path} is damaged, or was not written by "
+                            f"torch_mlp.train ({why}): resume from another copy or start a new "
+                            f"run")
+    return ck
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]], kept: str) -> None:
+    """metrics.csv: one row per epoch, an empty cell where an epoch lacks a column."""
+    fields = list(dict.fromkeys(k for row in history for k in row))
+
+    def write_to(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(history)
+
+    write(path, write_to, kept)
