@@ -573,3 +573,33 @@ def test_torch_and_torchvision_models_convert_and_come_back(make, make_input, le
     torch_mlp.convert(model, to_native=True)
     assert _types(model) == _types(native)
     _assert_same_state(model.state_dict(), native.state_dict())
+
+
+@pytest.mark.parametrize("to_native", [False, True], ids=["convert", "to_native"])
+def test_a_module_whose_forward_is_patched_on_the_instance_is_left_with_a_warning(to_native):
+    # accelerate's add_hook_to_module keeps the bound forward as _old_forward and sets its own:
+    # a class change would leave that bound to the old class, running the old code silently.
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    if to_native:
+        torch_mlp.convert(model)
+    lin = model[0]
+    lin._old_forward = lin.forward
+    lin.forward = lambda *args: lin._old_forward(*args)
+    before = type(lin)
+    with pytest.warns(UserWarning, match=r"convert: left 0 \(Linear\) as it is: its forward is "
+                                         r"replaced on the instance.*convert before patching"):
+        torch_mlp.convert(model, to_native=to_native)
+    assert type(lin) is before
+    assert type(model[1]) is (nn.ReLU if to_native else torch_mlp.ReLU)  # the rest is swapped
+
+
+def test_many_modules_left_for_one_reason_give_one_warning_naming_some():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+    model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        torch_mlp.convert(model)
+    (w,) = [str(r.message) for r in rec if "convert" in str(r.message)]
+    assert w.startswith("convert: left 4 NonDynamicallyQuantizableLinear modules "
+                        "(layers.0.self_attn.out_proj, layers.1.self_attn.out_proj, "
+                        "layers.2.self_attn.out_proj, ...) as they are")

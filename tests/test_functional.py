@@ -799,6 +799,21 @@ KERNEL_REFUSALS = {
     "ce-integer-logits": (
         lambda: F.cross_entropy(torch.ones(3, 4, dtype=torch.int64), torch.tensor([0, 1, 2])),
         lambda: TF.cross_entropy(torch.ones(3, 4, dtype=torch.int64), torch.tensor([0, 1, 2]))),
+    # The same with a class weight and label smoothing, the path that builds Q:
+    "ce-weighted-smoothed-target-too-large": (
+        lambda: F.cross_entropy(_z(), torch.tensor([0, 9, 1]), torch.rand(4), label_smoothing=0.1),
+        lambda: TF.cross_entropy(_z(), torch.tensor([0, 9, 1]), torch.rand(4),
+                                 label_smoothing=0.1)),
+    "ce-weighted-smoothed-bool-target": (
+        lambda: F.cross_entropy(_z(), torch.tensor([True, False, True]), torch.rand(4),
+                                label_smoothing=0.1),
+        lambda: TF.cross_entropy(_z(), torch.tensor([True, False, True]), torch.rand(4),
+                                 label_smoothing=0.1)),
+    "ce-weighted-smoothed-weight-dtype": (
+        lambda: F.cross_entropy(_z(), torch.tensor([0, 1, 2]), torch.rand(4).double(),
+                                label_smoothing=0.1),
+        lambda: TF.cross_entropy(_z(), torch.tensor([0, 1, 2]), torch.rand(4).double(),
+                                 label_smoothing=0.1)),
     "linear-feature-dim": (lambda: F.linear(torch.randn(5, 3), torch.randn(4, 6)),
                            lambda: TF.linear(torch.randn(5, 3), torch.randn(4, 6))),
     "linear-dtype": (lambda: F.linear(torch.randn(5, 3), torch.randn(4, 3).double()),

@@ -330,12 +330,14 @@ def _general_loss(logp: Tensor, target: Tensor, weight: Tensor | None, ignore_in
         q = _target_matrix(logp, target, weight, label_smoothing, None)  # (M, C)
         loss = -(q * logp).sum(-1)  # (M,)
         return _reduce(loss, loss.shape[0], reduction)
-    valid, y, w_y = _index_terms(target, weight, ignore_index, logp.dtype)
-    nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (M,) −log p_{i,y_i}
+    # (M,) −w_{y_i} log p_{i,y_i}, 0 on ignored rows: nll_loss's pick, which also refuses a
+    # target of another dtype or out of range, and a weight of another dtype, as native does.
+    nll = _nll_loss_nd(logp, target, weight, _REDUCTION_ENUM["none"], ignore_index)
+    valid, _, w_y = _index_terms(target, weight, ignore_index, logp.dtype)
     smooth = -(logp * weight).sum(-1)  # (M,) −Σ_c w_c log p_ic
     # (19), Q written out: ε/C scales the row's sum, as native's, not each entry of Q, where
     # float16 may round it to 0 and turn a −inf log p into NaN instead of inf.
-    loss = (1 - label_smoothing) * (w_y * nll) + (label_smoothing / C) * smooth
+    loss = (1 - label_smoothing) * nll + (label_smoothing / C) * smooth
     loss = torch.where(valid, loss, 0)  # ignored rows cost 0 (where, so inf·0 is no NaN)
     return _reduce(loss, w_y.sum(), reduction)
 

@@ -116,7 +116,9 @@ def convert(model: nn.Module, *, to_native: bool = False, verbose: bool = False)
     places in the model (a module used twice, tied weights) all stay as they are, and an
     optimizer built earlier keeps training the same tensors. Exact types only
     (``type(m) is nn.Linear``): a subclass, e.g. ``nn.LazyLinear``, a parametrized Linear or
-    your own, may behave differently and is left alone with a warning. ``to_native=True``
+    your own, may behave differently and is left alone with a warning, and so is a module
+    whose ``forward`` was replaced on the instance (it would go on calling the old class's).
+    ``to_native=True``
     swaps the other way, twin → torch.nn, e.g. before ``torch.ao.quantization.quantize_dynamic``,
     which swaps exact ``nn.Linear`` only.
 
@@ -134,15 +136,27 @@ def convert(model: nn.Module, *, to_native: bool = False, verbose: bool = False)
                         "change; convert the eager model, then script it")
     table = {ours: native for native, ours in TWINS.items()} if to_native else TWINS
     swaps = []  # every change is decided before any is made: all or nothing
+    left: dict[tuple[str, str], list[str]] = {}  # (class, why) -> modules: one warning each
     for name, module in model.named_modules():  # each shared module once
         cls = type(module)
         base = next((k for k in table if isinstance(module, k)), None)
-        if cls in table:
+        if cls in table and "forward" in vars(module):
+            why = ("its forward is replaced on the instance (e.g. by accelerate's hooks) and "
+                   "would still call the old class's; convert before patching it")
+            left.setdefault((cls.__qualname__, why), []).append(name or "the model")
+        elif cls in table:
             swaps.append((name, module, table[cls]))
         elif base is not None and (to_native or not isinstance(module, tuple(TWINS.values()))):
-            warnings.warn(f"convert: left {name or 'the model'} ({cls.__qualname__}) as it is: a "
-                          f"subclass of {_qualname(base)} whose forward may differ; only exact "
-                          f"types are swapped", stacklevel=2)
+            why = (f"a subclass of {_qualname(base)} whose forward may differ; only exact types "
+                   f"are swapped")
+            left.setdefault((cls.__qualname__, why), []).append(name or "the model")
+    for (cls_name, why), names in left.items():
+        if len(names) == 1:
+            warnings.warn(f"convert: left {names[0]} ({cls_name}) as it is: {why}", stacklevel=2)
+        else:
+            where = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            warnings.warn(f"convert: left {len(names)} {cls_name} modules ({where}) as they are: "
+                          f"{why}", stacklevel=2)
     for name, module, new in swaps:
         if verbose:
             print(f"convert: {name or '(model)'}: {_qualname(type(module))} -> {_qualname(new)}")
