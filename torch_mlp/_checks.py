@@ -147,7 +147,7 @@ def _index_target(input: Tensor, target: Tensor, label_smoothing: float) -> Tens
 
 
 def check_l2_penalty(weights: Sequence[Tensor], lam: float) -> None:
-    if not isinstance(lam, numbers.Real):  # a tensor too: the derivative in λ is not derived
+    if not isinstance(lam, numbers.Real) or isinstance(lam, bool):  # a tensor: no d/dλ derived
         raise TypeError(f"l2_penalty: lam must be a Python number, got {type(lam).__name__}")
     if not lam >= 0:  # not >=: NaN is refused too
         raise ValueError(f"l2_penalty: lam must be a non-negative Python number, got {lam!r}")

@@ -9,7 +9,7 @@ the native op does and runs its Function (:mod:`torch_mlp.functions`); inside
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx
@@ -136,6 +136,9 @@ def l2_penalty(weights: Sequence[Tensor] | Tensor, lam: float) -> Tensor:
         weights: a tensor or a sequence of tensors (typically the weight matrices, not biases).
         lam: λ ≥ 0, a Python number.
     """
+    if isinstance(weights, Mapping):  # list() would take its keys
+        raise TypeError("l2_penalty: weights must be a tensor or a sequence of tensors, got a "
+                        f"{type(weights).__name__}; pass its values()")
     weights = [weights] if isinstance(weights, Tensor) else list(weights)
     _checks.check_l2_penalty(weights, lam)
     if native_enabled():  # the same formula in native ops, autograd's backward
