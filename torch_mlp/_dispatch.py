@@ -74,9 +74,6 @@ class Variants(NamedTuple):
     compiled: type[Function]
 
 
-_VARIANTS: dict[type[Function], Variants] = {}
-
-
 def _derive(cls: type[Function], suffix: str, body: dict[str, object]) -> type[Function]:
     return type(f"_{cls.__name__}{suffix}", (cls,), {
         "__doc__": f"{cls.__name__} as torch_mlp._dispatch.Variants.{suffix.lower()}.",
@@ -84,15 +81,8 @@ def _derive(cls: type[Function], suffix: str, body: dict[str, object]) -> type[F
 
 
 def variants(cls: type[Function]) -> Variants:
-    """The :class:`Variants` of a Function: its eager and compile variants are derived on
-    first use and kept, for :func:`apply`.
-
-    ``cls`` is a Function in the setup_context style (forward without ctx, then
-    setup_context), with ``backward`` and optionally ``jvp``.
-    """
-    found = _VARIANTS.get(cls)
-    if found is not None:
-        return found
+    """The :class:`Variants` of ``cls``, a Function in the setup_context style (forward
+    without ctx, then setup_context), with ``backward`` and optionally ``jvp``."""
 
     def forward(ctx, *args):
         output = cls.forward(*args)
@@ -105,9 +95,7 @@ def variants(cls: type[Function]) -> Variants:
         "setup_context": staticmethod(Function.setup_context),
         "generate_vmap_rule": False,
     })
-    compiled = _derive(cls, "NoJvp", {"jvp": staticmethod(Function.jvp)})
-    found = _VARIANTS[cls] = Variants(cls, eager, compiled)
-    return found
+    return Variants(cls, eager, _derive(cls, "NoJvp", {"jvp": staticmethod(Function.jvp)}))
 
 
 def apply(fn: Variants, *args: Any) -> Any:

@@ -25,7 +25,8 @@ from .functions import (
     SoftmaxCrossEntropyFunction,
 )
 
-__all__ = [*functions.__all__, "cross_entropy", "l2_penalty", "linear", "relu"]
+__all__ = [*functions.__all__, "apply", "cross_entropy", "l2_penalty", "linear", "native_enabled",
+           "relu", "variants"]  # apply, native_enabled, variants: for Functions of your own
 
 _LINEAR = variants(LinearFunction)
 _RELU = variants(ReLUFunction)
