@@ -5,6 +5,7 @@ hold; ``python -m torch_mlp.testing`` passes the shipped matrix and exits 1 on a
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -423,8 +424,68 @@ def test_parity_max_err_is_the_largest_difference():
 def test_a_different_number_of_outputs_fails_parity():
     result = check_function(lambda u: (F.relu(u), u * 2), lambda u: (TF.relu(u),), _u(),
                             raise_on_failure=False)
-    assert result.failures == [f"parity {d} failed on the outputs: custom returns 2, the "
-                               "reference 1" for d in ("float32", "float64")]
+    assert result.failures == [f"parity {d} failed on the outputs: custom's shapes [(3, 4), "
+                               "(3, 4)], the reference's [(3, 4)]" for d in ("float32", "float64")]
+
+
+def test_an_output_of_another_shape_fails_parity_naming_the_shapes():
+    with pytest.raises(GradientCheckError, match=r"^linear: parity float32 failed on the outputs: "
+                       r"custom's shapes \[\(3, 2\)\], the reference's \[\(2, 3\)\]"):
+        check_function(F.linear, lambda x, w: TF.linear(x, w).t(), _x(3, 4), _x(2, 4))
+    # The same reference, transposed back, passes: only the shape was wrong.
+    assert check_function(F.linear, lambda x, w: TF.linear(x, w).t().t(), _x(3, 4),
+                          _x(2, 4)).failures == []
+
+
+@pytest.mark.parametrize("bad", [lambda u: u.detach().sum().item(), lambda u: [u * 2],
+                                 lambda u: {"out": u * 2}, lambda u: (u * 2, None)],
+                         ids=["float", "list", "dict", "tuple-with-None"])
+def test_an_output_that_is_not_a_tensor_is_refused_naming_who_returned_it(bad):
+    kind = type(bad(torch.ones(1))).__name__
+    with pytest.raises(TypeError, match=rf"^custom .*<lambda> \(test_testing.py:\d+\) returned "
+                       rf"a {kind}: check_function needs a Tensor or a tuple of Tensors$"):
+        check_function(bad, TF.relu, _u())
+    with pytest.raises(TypeError, match=rf"^reference .*<lambda> .* returned a {kind}:"):
+        check_function(F.relu, bad, _u())
+
+
+def test_tensors_in_a_list_input_are_refused_with_the_way_to_pass_them():
+    x, w = _x(3, 4), _x(2, 3)
+
+    def ref(a, b):
+        return 0.05 * (a.square().sum() + b.square().sum())
+
+    with pytest.raises(TypeError, match=r"^input\[0\] is a list of tensors: pass them as "
+                       r"separate inputs, e\.g\. `lambda a, b: l2_penalty\(\[a, b\], 0\.1\)`"):
+        check_function(lambda ws: F.l2_penalty(ws, 0.1), lambda ws: ref(*ws), [x, w])
+    with pytest.raises(TypeError, match=r"^input\[1\] is a tuple of tensors"):
+        check_function(lambda a, ws: a.sum() + ws[0].sum(), None, x, (w,))
+    result = check_function(lambda a, b: F.l2_penalty([a, b], 0.1), ref, x, w)
+    assert result.failures == [] and result.checks == ALL_CHECKS
+    # A list of plain values is an ordinary argument.
+    assert check_function(lambda u, dims: u.sum(dims), None, _u(), [0, 1]).failures == []
+
+
+def test_a_meta_tensor_input_is_refused():
+    u = torch.randn(3, 4, dtype=torch.float64, device="meta", requires_grad=True)
+    with pytest.raises(ValueError, match=r"^input\[0\] is a meta tensor: gradcheck needs values$"):
+        check_function(F.relu, TF.relu, u)
+
+
+def test_half_precision_parity_takes_assert_closes_defaults_for_the_dtype():
+    result = check_function(F.linear, TF.linear, _x(3, 4), _x(2, 4),
+                            parity_dtypes=(torch.bfloat16, torch.float16))
+    assert result.failures == [] and result.checks[2:] == ["parity bfloat16", "parity float16"]
+
+    def off(u):  # 1% off the native op, with a consistent gradient
+        return F.relu(u) * 1.01
+
+    # bfloat16's default rtol (1.6e-2) lets 1% through; float32's (1.3e-6) does not.
+    assert check_function(off, TF.relu, _u(), parity_dtypes=(torch.bfloat16,)).failures == []
+    with pytest.raises(GradientCheckError, match=r"parity float32 failed on output\[0\]"):
+        check_function(off, TF.relu, _u(), parity_dtypes=(torch.float32,))
+    with pytest.raises(GradientCheckError, match=r"parity bfloat16 failed on output\[0\]"):
+        check_function(lambda u: F.relu(u) * 1.05, TF.relu, _u(), parity_dtypes=(torch.bfloat16,))
 
 
 def test_a_detached_output_fails_gradcheck():
@@ -512,15 +573,25 @@ def test_list_prints_the_case_ids(capsys):
     assert len(set(ids)) == len(ids)
 
 
-def test_list_into_a_closed_pipe_ends_quietly():
-    # `| head -1` whose head is gone before anything is written (a plain `| head -1` usually
-    # reads all 43 ids, written at once, before it leaves): no traceback.
-    proc = subprocess.Popen([sys.executable, "-m", "torch_mlp.testing", "--list"], cwd=ROOT,
+@pytest.mark.parametrize("args", [["--list"], ["-k", "relu"]], ids=["list", "run"])
+def test_a_closed_pipe_ends_the_run_quietly_by_sigpipe(args):
+    # `| head -1` whose head is gone before anything is written: killed by SIGPIPE, as `yes`
+    # is (141 in the shell), neither a traceback nor the exit status 1 of a failed check.
+    proc = subprocess.Popen([sys.executable, "-m", "torch_mlp.testing", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
-    assert b"BrokenPipeError" not in err and b"Traceback" not in err, err.decode()
-    assert proc.returncode == 1
+    assert err == b"" and proc.returncode == -signal.SIGPIPE, (proc.returncode, err.decode())
+
+
+def test_a_failing_case_exits_1_from_the_command_line():
+    # The shipped relu swapped for abs before the module runs: parity with TF.relu fails.
+    code = ("import runpy, torch_mlp.functional as F; F.relu = lambda u, inplace=False: u.abs(); "
+            "runpy.run_module('torch_mlp.testing', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, "-k", "relu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(r"^relu\s+FAIL", proc.stdout, re.M) and "0/1 passed; 1 FAILED" in proc.stdout
 
 
 def test_k_runs_only_the_matching_cases(capsys):

@@ -8,12 +8,10 @@ parity: its outputs and every input gradient against ``reference`` (the native o
 and float64, with ``torch.testing.assert_close``.
 
 ``fast_mode=True`` compares one random projection ``vᵀJu`` of each Jacobian: cheap at any size,
-but its rtol applies to the projected sum, in which an error confined to a few rows of a large
-Jacobian is diluted: it passes a gradient 10% off in one row of a (100, 4) input. Parity catches
-that; without a reference, also run ``fast_mode=False`` on small inputs, which compares every
-entry. It builds (Σ input entries) × (Σ output entries) Jacobians, so it is refused, before
-any check runs, past half this machine's memory (at most 16 GiB). torch words a failed fast
-check from the whole Jacobian as well: check small inputs first.
+but an error in a few rows of a large Jacobian is diluted in the projected sum (a gradient 10%
+off in one row of a (100, 4) input passes). Parity catches that; without a reference, also run
+``fast_mode=False`` on small inputs: it compares every entry (refused past half this machine's
+memory, at most 16 GiB). torch reports a failed fast check from the whole Jacobian too.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import itertools
 import math
 import os
 import re
+import signal
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
@@ -39,12 +38,6 @@ from torch.autograd.gradcheck import GradcheckError  # torch.autograd.gradcheck 
 from . import functional as F
 
 __all__ = ["CheckResult", "GradientCheckError", "check_function", "function_cases", "main"]
-
-# Parity tolerances (rtol, atol) by dtype: assert_close's own defaults for float32 / float64.
-PARITY_TOL: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-7, 1e-7),
-    torch.float32: (1e-5, 1.3e-6),
-}
 
 
 class GradientCheckError(AssertionError):
@@ -90,19 +83,23 @@ def check_function(
         gradgrad: also check double backward (False for a ``once_differentiable`` backward).
         fast_mode: torch's random projections instead of whole Jacobians.
         parity_dtypes: the dtypes of the parity check (complex inputs take the complex twin).
-        tolerances: ``{dtype: (rtol, atol)}`` for parity, over :data:`PARITY_TOL`.
+        tolerances: ``{dtype: (rtol, atol)}`` for parity; assert_close's defaults otherwise.
         fd_atol: gradcheck's and gradgradcheck's ``atol``.
         seed: seeds the random upstream gradients of gradgradcheck and parity.
         raise_on_failure: raise :class:`GradientCheckError` when a check fails; with False,
             the failures are returned in ``result.failures``.
 
     Raises:
+        TypeError: tensors in a list input (pass them as separate inputs), or an output that is
+            not a Tensor or a tuple of Tensors.
+        ValueError: a meta tensor input (gradcheck needs values).
         MemoryError: ``fast_mode=False`` on inputs whose Jacobians would not fit.
     """
     described = _describe(custom)
     result = CheckResult(name=name or described)
+    _refuse_inputs(inputs)
     x64 = _cast(inputs, torch.float64)
-    outputs = [o for o in _as_tuple(custom(*x64)) if isinstance(o, Tensor) and o.requires_grad]
+    outputs = [o for o in _call(custom, "custom", x64) if o.requires_grad]
     if not fast_mode:
         _refuse_past_limit(x64, outputs, gradgrad)
     checks: dict[str, dict[str, Any]] = {"gradcheck": {}}
@@ -112,14 +109,11 @@ def check_function(
         checks["gradgradcheck"] = {"grad_outputs": g}
     for check, kwargs in checks.items():
         result.checks.append(check)
-        failure = _torch_check(check, custom, x64, len(outputs), atol=fd_atol,
-                               fast_mode=fast_mode, **kwargs)
-        if failure:
-            result.failures.append(failure)
-    tol = {**PARITY_TOL, **(tolerances or {})}
+        result.failures += _torch_check(check, custom, x64, len(outputs), atol=fd_atol,
+                                        fast_mode=fast_mode, **kwargs)
     for dtype in parity_dtypes if reference is not None else ():
         result.checks.append(f"parity {str(dtype).removeprefix('torch.')}")
-        err, failures = _parity(custom, reference, inputs, dtype, tol[dtype], seed)
+        err, failures = _parity(custom, reference, inputs, dtype, tolerances or {}, seed)
         result.parity_max_err[str(dtype)] = err
         result.failures += [f"{result.checks[-1]} failed on {f}" for f in failures]
     if result.failures and raise_on_failure:
@@ -129,20 +123,19 @@ def check_function(
 
 
 def _torch_check(check: str, custom: Callable[..., Any], x64: Sequence[Any], n_outputs: int,
-                 **kwargs: Any) -> str | None:
-    """None when torch.autograd's ``check`` passes, else its report, naming the input."""
+                 **kwargs: Any) -> list[str]:
+    """[] when torch.autograd's ``check`` passes, else its report, naming the input."""
     try:
         getattr(torch.autograd, check)(custom, x64, raise_exception=True, **kwargs)
     except GradcheckError as e:
         hint = ("\n(a @once_differentiable backward has none to check: pass gradgrad=False)"
                 if check == "gradgradcheck" else "")
-        return f"{check} failed{_where(str(e), x64, n_outputs)}: {e}{hint}"
-    return None
+        return [f"{check} failed{_where(str(e), x64, n_outputs)}: {e}{hint}"]
+    return []
 
 
 def _describe(fn: Callable[..., Any]) -> str:
-    """The Function's class for ``SomeFunction.apply``, else the qualified name (and, for a
-    lambda, where it was defined), so that a failure names what the user wrote."""
+    """``SomeFunction.apply``'s class, else the qualified name (and a lambda's file and line)."""
     if isinstance(fn, functools.partial):
         return _describe(fn.func)
     owner = getattr(fn, "__self__", None)
@@ -156,8 +149,7 @@ def _describe(fn: Callable[..., Any]) -> str:
 
 
 def _cast(inputs: Sequence[Any], dtype: torch.dtype) -> list[Any]:
-    """Floating tensors cast to ``dtype``, complex ones to its complex twin, as fresh leaves
-    that keep ``requires_grad``; other arguments as they are."""
+    """Floating tensors in ``dtype``, complex ones in its complex twin, as fresh leaves."""
     complex_dtype = torch.promote_types(dtype, torch.complex64)  # float64 -> complex128
     return [t.detach().to(complex_dtype if t.is_complex() else dtype)
             .requires_grad_(t.requires_grad)
@@ -165,8 +157,23 @@ def _cast(inputs: Sequence[Any], dtype: torch.dtype) -> list[Any]:
             for t in inputs]
 
 
-def _as_tuple(out: Any) -> tuple[Any, ...]:
-    return out if isinstance(out, tuple) else (out,)
+def _refuse_inputs(inputs: Sequence[Any]) -> None:
+    for k, t in enumerate(inputs):
+        if isinstance(t, (list, tuple)) and any(isinstance(e, Tensor) for e in t):
+            raise TypeError(f"input[{k}] is a {type(t).__name__} of tensors: pass them as "
+                            "separate inputs, e.g. `lambda a, b: l2_penalty([a, b], 0.1)`")
+        if isinstance(t, Tensor) and t.is_meta:
+            raise ValueError(f"input[{k}] is a meta tensor: gradcheck needs values")
+
+
+def _call(fn: Callable[..., Any], role: str, args: Sequence[Any]) -> tuple[Tensor, ...]:
+    """``fn(*args)`` as a tuple of tensors; a TypeError naming ``role`` for anything else."""
+    out = fn(*args)
+    outs = out if isinstance(out, tuple) else (out,)
+    if not all(isinstance(o, Tensor) for o in outs):
+        raise TypeError(f"{role} {_describe(fn)} returned a {type(out).__name__}: "
+                        "check_function needs a Tensor or a tuple of Tensors")
+    return outs
 
 
 def _differentiable(inputs: Sequence[Any]) -> list[int]:
@@ -174,21 +181,12 @@ def _differentiable(inputs: Sequence[Any]) -> list[int]:
 
 
 def _where(message: str, inputs: Sequence[Any], n_outputs: int) -> str:
-    """" on input[k]" for torch's "input j", j counting only what requires grad: the inputs,
-    then (in gradgradcheck) the grad_outputs."""
+    """" on input[k]" for torch's "input j", which counts the inputs that require grad, then
+    (in gradgradcheck) the grad_outputs."""
     names = [f"input[{k}]" for k in _differentiable(inputs)]
     names += [f"grad_output[{k}]" for k in range(n_outputs)]
     found = re.search(r"with respect to input (\d+)", message)
     return f" on {names[int(found[1])]}" if found and int(found[1]) < len(names) else ""
-
-
-def _jacobian_limit() -> int:
-    """Half this machine's memory, at most 16 GiB (8 GiB where the OS does not say)."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf, e.g. on Windows
-        return 8 * 2**30
-    return min(memory // 2, 16 * 2**30)
 
 
 def _refuse_past_limit(x64: Sequence[Any], outputs: Sequence[Tensor], gradgrad: bool) -> None:
@@ -199,7 +197,11 @@ def _refuse_past_limit(x64: Sequence[Any], outputs: Sequence[Tensor], gradgrad: 
     rows, cols, check = ((n_in + n_out, n_in, "gradgradcheck") if gradgrad
                          else (n_in, n_out, "gradcheck"))
     itemsize = 16 if any(t.is_complex() for t in (*diff, *outputs)) else 8
-    need, limit = 2 * rows * cols * itemsize, _jacobian_limit()  # numerical and analytical
+    need = 2 * rows * cols * itemsize  # numerical and analytical
+    try:  # half this machine's memory, at most 16 GiB
+        limit = min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2, 16 * 2**30)
+    except (AttributeError, ValueError, OSError):  # no sysconf, e.g. on Windows
+        limit = 8 * 2**30
     if need > limit:
         raise MemoryError(
             f"fast_mode=False would need ~{need / 2**30:,.1f} GiB for the Jacobians of "
@@ -210,15 +212,16 @@ def _refuse_past_limit(x64: Sequence[Any], outputs: Sequence[Tensor], gradgrad: 
 
 def _parity(
     custom: Callable[..., Any], reference: Callable[..., Any], inputs: Sequence[Any],
-    dtype: torch.dtype, tol: tuple[float, float], seed: int,
+    dtype: torch.dtype, tolerances: dict[torch.dtype, tuple[float, float]], seed: int,
 ) -> tuple[float, list[str]]:
-    """Outputs, then every input gradient for one random upstream gradient, in ``dtype``: the
-    largest |ours − reference| and what differs, as assert_close words it."""
+    """Outputs, then input gradients for a random upstream gradient, in ``dtype``: the largest
+    |ours − reference| and what differs, as assert_close words it."""
     ours_in, ref_in = _cast(inputs, dtype), _cast(inputs, dtype)
-    ours, ref = _as_tuple(custom(*ours_in)), _as_tuple(reference(*ref_in))
-    if len(ours) != len(ref):
-        return math.inf, [f"the outputs: custom returns {len(ours)}, the reference {len(ref)}"]
-    pairs = [(f"output[{k}]", a, b) for k, (a, b) in enumerate(zip(ours, ref))]
+    ours, ref = _call(custom, "custom", ours_in), _call(reference, "reference", ref_in)
+    shapes = [[tuple(o.shape) for o in out] for out in (ours, ref)]
+    if shapes[0] != shapes[1]:
+        return math.inf, [f"the outputs: custom's shapes {shapes[0]}, the reference's {shapes[1]}"]
+    pairs = [(f"output[{k}]", a.detach(), b.detach()) for k, (a, b) in enumerate(zip(ours, ref))]
     outs = [k for k, a in enumerate(ours) if a.requires_grad]
     positions = _differentiable(ours_in)
     if outs and positions:
@@ -230,15 +233,13 @@ def _parity(
         ref_grads = grad([ref[k] for k in outs], [ref_in[k] for k in positions])
         pairs += [(f"the gradient of input[{k}]", a, b)
                   for k, a, b in zip(positions, ours_grads, ref_grads)]
-    worst, failures, (rtol, atol) = 0.0, [], tol
+    (rtol, atol), failures = tolerances.get(dtype, (None, None)), []
     for what, a, b in pairs:
         try:
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol,
-                                       equal_nan=True)
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True)
         except AssertionError as e:
             failures.append(f"{what}: {e}")
-        worst = max(worst, _max_diff(a.detach(), b.detach()))
-    return worst, failures
+    return max(_max_diff(a, b) for _, a, b in pairs), failures
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -249,8 +250,6 @@ def _generator(seed: int) -> torch.Generator:
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
     """max |a − b|, NaN against NaN and inf against inf counted equal, as assert_close does."""
-    if a.shape != b.shape:
-        return math.inf
     same = (a == b) | (a.isnan() & b.isnan())
     err = torch.where(same, 0.0, (a - b).abs()).nan_to_num(nan=math.inf)
     return err.max().item() if err.numel() else 0.0
@@ -314,9 +313,8 @@ def _cross_entropy_cases(gen: torch.Generator, C: int = 4) -> Iterator[Case]:
     closure, so that parity casts it too."""
     weight = torch.rand(C, dtype=torch.float64, generator=gen) + 0.5
     index, prob = torch.tensor([0, 3, 1, 2, 3]), _randn(gen, 5, C, grad=False).softmax(1)
-    for kind, reduction, w, ls in itertools.product(
-        ("index", "prob"), REDUCTIONS, (None, weight), (0.0, 0.2)
-    ):
+    for kind, reduction, w, ls in itertools.product(("index", "prob"), REDUCTIONS,
+                                                    (None, weight), (0.0, 0.2)):
         target = index if kind == "index" else prob.clone().requires_grad_()
         ident = f"cross_entropy-{kind}-{reduction}-{'no' * (w is None)}weight-ls{ls}"
         yield (ident, *_ce(reduction=reduction, label_smoothing=ls),
@@ -372,10 +370,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
-    except BrokenPipeError:  # e.g. `--list | head -1`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 1
-    sys.exit(code)
+    if hasattr(signal, "SIGPIPE"):  # `| head` ends the run quietly, as it does other CLI tools
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
