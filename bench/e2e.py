@@ -2,7 +2,7 @@
 against a conventional pytorch/examples-style loop (a DataLoader over
 ``torchvision.datasets.MNIST`` with ``ToTensor``/``Normalize``, batch 64, the same MLP).
 
-train.py's epochs run in this process through ``train.main`` (its ``train_seconds``: the
+train.py's epochs run in this process through ``torch_mlp.train.main`` (its ``train_seconds``: the
 training loop alone, without the evaluation), interleaved custom, native, custom, native, ...
 with ``--verify-every 0`` (the gradient check against a native twin is a feature of the run,
 not of the step). The DataLoader loop is far slower, so it is timed over ``batches`` batches and
@@ -21,11 +21,11 @@ of the measured training seconds: the median over the pairs, with its min and ma
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,18 +37,6 @@ from .common import Settings, gemm_call, gemm_flops, interleaved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN = 60000
-
-
-def available() -> bool:
-    return os.path.exists(os.path.join(ROOT, "train.py"))
-
-
-def _train_module() -> Any:
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    import train
-
-    return train
 
 
 def train_epoch_seconds(train: Any, data: Any, native: bool, limit: int | None, out: str,
@@ -144,7 +132,6 @@ def step_budget(train: Any, data: Any, sizes: list[int], batch: int, device: str
     args.lr = 1e-3  # small steps: the weights stay where training keeps them
     torch.manual_seed(0)
     model = train.build_model(DEFAULTS["hidden"], native).to(dev)
-    weights = train._linear_weights(model)
     opt, _ = train.make_optimizer(args, model, 1, dev)
     n = 4 if quick else 20  # steps per measurement
     idx = shuffled_batches(len(data.y_train), batch, torch.Generator().manual_seed(0),
@@ -153,10 +140,13 @@ def step_budget(train: Any, data: Any, sizes: list[int], batch: int, device: str
 
     def steps(l2: float = DEFAULTS["l2"], label_smoothing: float = DEFAULTS["label_smoothing"],
               opt_step: bool = True) -> Callable[[], None]:
+        step_args = argparse.Namespace(**{**vars(args), "l2": l2,
+                                          "label_smoothing": label_smoothing})
+
         def call() -> None:
             for i in idx:
                 x, y = data.x_train.index_select(0, i), data.y_train.index_select(0, i)
-                loss, _ = train.forward_loss(model, weights, x, y, l2, label_smoothing, native)
+                loss, _ = train.forward(model, x, y, step_args)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if opt_step:
@@ -176,10 +166,7 @@ def step_budget(train: Any, data: Any, sizes: list[int], batch: int, device: str
 
 
 def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
-    if not available():
-        print("  e2e: skipped, train.py is not in the repository yet", flush=True)
-        return []
-    train = _train_module()
+    import torch_mlp.train as train
     from torch_mlp.data import load_mnist
 
     data_dir = os.path.join(ROOT, "data")
@@ -195,7 +182,7 @@ def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
     rates: list[float] = []  # GEMM FLOP/s, measured after each custom/native pair
     loop_images = 0
     from torch_mlp.training.config import DEFAULTS
-    sizes, batch = train.layer_sizes(DEFAULTS["hidden"]), DEFAULTS["batch_size"]
+    sizes, batch = [784, *DEFAULTS["hidden"], 10], DEFAULTS["batch_size"]
     flops = epoch_gemm_flops(sizes, n, batch)
     rate_now = gemm_rate(sizes, batch, device, quick)
     with tempfile.TemporaryDirectory() as tmp:
