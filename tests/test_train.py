@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -147,7 +148,7 @@ def test_resume_is_bit_identical(run, data_dir: Path, mnist: MNISTTensors, tmp_p
     for k, st in a["optimizer"]["state"].items():
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
     assert a["scheduler"] == b["scheduler"]
-    assert torch.equal(a["rng"]["shuffle"], b["rng"]["shuffle"])
+    assert torch.equal(a["shuffle"], b["shuffle"])
     assert [r["epoch"] for r in _metrics(tmp_path / "resumed" / "metrics.csv")] == ["1", "2"]
 
 
@@ -159,8 +160,11 @@ def test_ctrl_c_after_the_last_checkpoint_leaves_the_metrics(
     _interrupt_after_saving(monkeypatch, epoch=2)
     monkeypatch.setattr(sys, "argv", ["train.py", "--out", str(out), "--data-dir",
                                       str(data_dir), *FAST])
-    with pytest.raises(SystemExit) as exc:
-        T.cli()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            T.cli()
+    finally:  # cli() ignores a second Ctrl-C while it leaves: give this process its own back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     assert exc.value.code == 130
     assert capsys.readouterr().err == (f"train.py: interrupted; continue with --resume "
                                        f"{out / 'checkpoint.pt'}\n")
@@ -332,7 +336,7 @@ def test_full_disk_while_plotting(run, tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize("poisoned_step,message", [
-    (12, r"^the training loss became nan or inf by step 12 \(epoch 2\): training diverged: "
+    (12, r"^the training loss became nan or inf by step 19 \(epoch 2\): training diverged: "
          r"lower --lr \(now 0.2\); the checkpoint of epoch 1, .*checkpoint.pt, is kept$"),
     (20, r"^the test loss is nan after epoch 2: training diverged: lower --lr \(now 0.2\); "
          r"this epoch is not saved, the checkpoint of epoch 1, .*checkpoint.pt, is kept$"),
@@ -341,7 +345,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
         poisoned_step: int, message: str, run, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     # After optimizer step `poisoned_step` (1-based), a weight is NaN: 12 poisons the loss of
-    # step 12 (epoch 2); 20 is the last step, whose loss was still finite.
+    # step 12 (epoch 2), seen at the epoch's end; 20 is the last step, its loss still finite.
     real, calls = torch.optim.SGD.step, []
 
     def step(self: torch.optim.SGD, *a: Any, **k: Any) -> Any:
@@ -443,13 +447,13 @@ def test_python_m_torch_mlp_train_runs_the_same_trainer(data_dir: Path, tmp_path
 @pytest.mark.slow
 def test_double_ctrl_c_is_quiet(data_dir: Path, tmp_path: Path) -> None:
     # Ctrl-C twice, the second while the first is being handled: status 130, one line.
-    import signal
     import time
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    loud = [f for f in FAST if f != "--quiet"]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data_dir), "--out", "run",
-         *[f for f in FAST if f != "--quiet"], "--epochs", "1000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+         *loud, "--epochs", "1000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     assert "epoch  1/1000" in proc.stdout.readline() + proc.stdout.readline()
     proc.send_signal(signal.SIGINT)

@@ -65,7 +65,8 @@ def test_foreign_files_are_refused_and_left_alone(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.csv"]
     assert (tmp_path / "config.json").read_text() == "mine"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(TrainingError, match="file: exists and is not a directory"):
+    with pytest.raises(TrainingError, match=r"file: cannot create the run directory \(File "
+                       r"exists\)"):
         rundir.take(tmp_path / "file", None)
 
 
@@ -133,7 +134,7 @@ def test_checkpoint_round_trip_and_any_change_is_refused(tmp_path: Path) -> None
         torch.save({**torch.load(path, weights_only=True), **change}, tmp_path / "x.pt")
         with pytest.raises(TrainingError, match=r"x\.pt is damaged.*does not match its SHA-256"):
             rundir.load_checkpoint(str(tmp_path / "x.pt"))
-    with pytest.raises(TrainingError, match=f"^checkpoint {tmp_path}: is a directory"):
+    with pytest.raises(TrainingError, match=f"^checkpoint {tmp_path}: not a file"):
         rundir.load_checkpoint(str(tmp_path))
     with pytest.raises(TrainingError, match="no such file"):
         rundir.load_checkpoint(str(tmp_path / "none.pt"))

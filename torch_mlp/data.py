@@ -1,12 +1,6 @@
-"""MNIST as four tensors on the target device, read from bytes whose checksum passed.
-
-``load_mnist(data_dir, device)`` makes sure ``<data_dir>/MNIST/raw/`` holds the four IDX files
-under torchvision's names, unpacked from the copy bundled with the package
-(``torch_mlp/_mnist/``, see ``SOURCE.md`` there) or else downloaded by torchvision. It reads each
-file once, checks its sha256 and parses those very bytes; a ``processed/`` cache that older
-torchvision wrote is never read. The whole set is transformed once (``/255``, normalised with
-mean 0.1307 and std 0.3081, flattened to (N, 784)); training batches by shuffled index
-(:func:`shuffled_batches`): no DataLoader, no PIL.
+"""MNIST as four normalised tensors on the target device (:func:`load_mnist`), from the copy
+bundled with the package (``torch_mlp/_mnist/SOURCE.md``) or torchvision's download, read from
+the very bytes whose sha256 passed; batches by shuffled index (:func:`shuffled_batches`).
 """
 
 from __future__ import annotations
@@ -25,23 +19,18 @@ import torch
 from torch import Tensor
 
 __all__ = ["MEAN", "RAW_FILES", "STD", "MNISTIntegrityError", "MNISTTensors", "atomic_write",
-           "load_mnist", "prepare_mnist", "raw_dir", "shuffled_batches"]
+           "load_mnist", "prepare_mnist", "shuffled_batches"]
 
 # Normalisation constants of the MNIST training set (pixel mean and std after /255).
 MEAN = 0.1307
 STD = 0.3081
 
-# Size and sha256 of the UNCOMPRESSED IDX files, under torchvision's names, as in
-# torch_mlp/_mnist/SOURCE.md (which also gives the md5s torchvision publishes).
-RAW_FILES: dict[str, tuple[int, str]] = {
-    "train-images-idx3-ubyte": (
-        47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
-    "train-labels-idx1-ubyte": (
-        60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
-    "t10k-images-idx3-ubyte": (
-        7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-    "t10k-labels-idx1-ubyte": (
-        10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+# sha256 of the UNCOMPRESSED IDX files, under torchvision's names (torch_mlp/_mnist/SOURCE.md).
+RAW_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 _BUNDLED = Path(__file__).resolve().parent / "_mnist"
 
@@ -52,8 +41,7 @@ class MNISTIntegrityError(RuntimeError):
 
 @dataclass
 class MNISTTensors:
-    """The whole of MNIST, transformed, on one device: x_train (60000, 784) and x_test
-    (10000, 784) float, normalised; y_train, y_test int64."""
+    """All of MNIST, normalised: x_train (60000, 784), x_test (10000, 784); y int64."""
 
     x_train: Tensor
     y_train: Tensor
@@ -61,27 +49,15 @@ class MNISTTensors:
     y_test: Tensor
 
 
-def raw_dir(data_dir: str | os.PathLike[str]) -> Path:
-    """``<data_dir>/MNIST/raw``, where torchvision's MNIST keeps the IDX files."""
-    return Path(data_dir) / "MNIST" / "raw"
-
-
 def _problem(name: str, data: bytes) -> str | None:
     """What is wrong with ``data`` as the MNIST file ``name``, or None if it is right."""
-    size, sha = RAW_FILES[name]
-    if len(data) != size:
-        kind = "truncated" if len(data) < size else "too long"
-        return f"it is {len(data)} bytes, expected {size} ({kind})"
     digest = hashlib.sha256(data).hexdigest()
-    return None if digest == sha else f"sha256 {digest} != expected {sha}"
+    return None if digest == RAW_FILES[name] else f"sha256 {digest} != expected {RAW_FILES[name]}"
 
 
 def _read_idx(path: Path) -> Tensor:
     """The uint8 tensor of an MNIST file (IDX: 2 zero bytes, type 0x08, ndim, ndim big-endian
     sizes, the data), parsed from the bytes whose size and sha256 were checked."""
-    if path.is_dir():
-        raise MNISTIntegrityError(f"{path} is a directory, not the MNIST file {path.name}. Move "
-                                  f"it away or remove it and run again.")
     data = path.read_bytes()
     problem = _problem(path.name, data)
     if problem is not None:
@@ -95,9 +71,8 @@ def _read_idx(path: Path) -> Tensor:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file in ``path``'s folder, fsync it, then ``os.replace``
-    it onto ``path``: a reader sees the old file or the new one, never half of one. Whatever
-    stops it midway (an exception raised by ``write`` included) leaves no temporary file."""
+    """``write(tmp)`` to a temporary file beside ``path``, fsync, then ``os.replace`` it onto
+    ``path``: a reader sees the old file or the new one, and a failure leaves no temporary."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
@@ -132,7 +107,7 @@ def _unpack(src: Path, dest: Path) -> None:
 def prepare_mnist(data_dir: str | os.PathLike[str] = "data", *, log: bool = False) -> Path:
     """Make ``<data_dir>/MNIST/raw/`` hold the four IDX files (unpacked from the bundled copy,
     or downloaded by torchvision); return that folder. They are checked when read."""
-    raw = raw_dir(data_dir)
+    raw = Path(data_dir, "MNIST", "raw")  # where torchvision's MNIST keeps them
     raw.mkdir(parents=True, exist_ok=True)
     missing = [name for name in RAW_FILES if not (raw / name).exists()]
     if missing and all((_BUNDLED / f"{name}.gz").is_file() for name in RAW_FILES):
@@ -169,15 +144,11 @@ def load_mnist(data_dir: str | os.PathLike[str] = "data", device: torch.device |
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, *, rank: int = 0,
                      world_size: int = 1, device: torch.device | str | None = None
                      ) -> list[Tensor]:
-    """One epoch of index batches over ``range(n)``, shuffled by ``generator``.
-
-    ``batch_size`` is the global batch. With ``world_size`` > 1 (DDP) every rank draws the same
-    permutation (same generator state) and takes every ``world_size``-th index: its step-s batch
-    is then its share of exactly the global step-s batch of a single process,
-    ``perm[s*B:(s+1)*B]``, so DDP's averaged gradient is that batch's gradient. ``batch_size``
-    must be divisible by ``world_size``, and the last ``n % world_size`` indices of the
-    permutation are left out so that every rank takes the same number of equal-sized steps.
-    """
+    """One epoch of index batches over ``range(n)``, shuffled by ``generator``, of the global
+    ``batch_size``. Under DDP every rank draws the same permutation and takes every
+    ``world_size``-th index: its step-s batch is its share of exactly the global step-s batch
+    ``perm[s*B:(s+1)*B]``, so DDP's averaged gradient is that batch's. The last
+    ``n % world_size`` indices are left out: every rank takes as many steps, of equal size."""
     if batch_size < 1 or batch_size % world_size:
         raise ValueError(
             f"batch_size ({batch_size}) must be a positive multiple of world_size ({world_size})")

@@ -1,12 +1,7 @@
 """Train an MLP on MNIST with torch_mlp's hand-derived backward passes, checked against native
-autograd while it trains (torch_mlp.verify every --verify-every steps; see verify.png).
-
-    python -m torch_mlp.train --limit 2000 --epochs 2  # (or train.py, or torch-mlp-train)
-    python -m torch_mlp.train --resume runs/<run>/checkpoint.pt
-    torchrun --nproc_per_node=2 -m torch_mlp.train     # DDP; --batch-size stays the global batch
-
-Flags: ``--help`` and docs/training.md; they live in training/config.py, the run directory and
-checkpoints in training/rundir.py, the pictures in training/plots.py.
+autograd while it trains: ``python -m torch_mlp.train --help``, and docs/training.md. The flags
+live in training/config.py, the run directory and checkpoints in training/rundir.py, the
+pictures in training/plots.py.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +30,6 @@ from torch_mlp import data as mnist
 from torch_mlp import functional as MF
 from torch_mlp.training import config, plots, rundir
 from torch_mlp.training.config import TrainingError
-
-T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ model, loss
@@ -93,9 +86,8 @@ class Run:
         return f"the checkpoint of epoch {self.last_good[1]}, {self.last_good[0]}, is kept"
 
 
-def on_rank0(rank: int, world: int, fn: Callable[[], T]) -> T | None:
-    """``fn()`` on rank 0 alone (it writes the files); a refusal there is raised on every
-    process, so that all of them exit cleanly."""
+def on_rank0(rank: int, world: int, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 alone; a refusal there is raised on every process: all exit cleanly."""
     result, error = None, None
     if rank == 0:
         try:
@@ -131,13 +123,11 @@ def images_per_epoch(args: argparse.Namespace, n_train: int, world: int,
                      ck: dict[str, Any] | None) -> int:
     """Every process takes an equal share of each global batch, so the last n_train % world
     images are left out; a resume must take the images its run took (the same schedule)."""
-    if args.batch_size % world:
-        raise TrainingError(f"--batch-size {args.batch_size} must be divisible by the number "
-                            f"of processes ({world})")
     images = n_train - n_train % world
-    if images == 0:
-        raise TrainingError(f"--limit {args.limit}: {n_train} training image(s) give no step "
-                            f"over {world} processes; use --limit >= {world}")
+    if args.batch_size % world or images == 0:
+        raise TrainingError(f"--batch-size {args.batch_size}, --limit {args.limit}: each of the "
+                            f"{world} processes takes an equal share of every batch: --batch-size "
+                            f"must be a multiple of {world}, and --limit at least {world}")
     if ck is not None and ck["images_per_epoch"] != images:
         raise TrainingError(
             f"--resume {args.resume}: over {world} process(es) an epoch would take {images} "
@@ -148,8 +138,7 @@ def images_per_epoch(args: argparse.Namespace, n_train: int, world: int,
 
 def make_optimizer(args: argparse.Namespace, module: nn.Module, total_steps: int,
                    device: torch.device) -> tuple[torch.optim.Optimizer, Any]:
-    """The optimizer, fused where torch has fused kernels (the fastest, docs/performance.md),
-    and the learning-rate schedule, stepped every batch."""
+    """The optimizer (fused kernels: the fastest, docs/performance.md) and its schedule."""
     impl = {"fused" if device.type in ("cpu", "cuda") else "foreach": True}
     if args.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -166,25 +155,9 @@ def make_optimizer(args: argparse.Namespace, module: nn.Module, total_steps: int
     return optimizer, None
 
 
-def restore(run: Run, ck: dict[str, Any], path: str) -> None:
-    """Put a checkpoint back into the run's objects and RNG streams: a resumed CPU run is
-    bit-identical to an uninterrupted one."""
-    run.module.load_state_dict(ck["model"])
-    run.optimizer.load_state_dict(ck["optimizer"])
-    if run.scheduler is not None:
-        run.scheduler.load_state_dict(ck["scheduler"])
-    run.scaler.load_state_dict(ck["scaler"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    if run.device.type == "cuda" and ck["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ck["rng"]["cuda"], run.device)
-    run.shuffle.set_state(ck["rng"]["shuffle"])
-    run.step, run.history, run.last_good = ck["step"], ck["history"], (Path(path), ck["epoch"])
-
-
 def setup(args: argparse.Namespace, data: mnist.MNISTTensors | None, rank: int, world: int,
           local_rank: int) -> Run:
-    """Take --resume's flags from its checkpoint, load the data, build the model and the
-    optimizer, and restore the checkpoint into them."""
+    """Resume's flags, the data, the model and optimizer, with the checkpoint put back."""
     device = config.resolve_device(args.device, local_rank)
     ck = None if args.resume is None else rundir.load_checkpoint(args.resume)
     if ck is not None:
@@ -205,8 +178,15 @@ def setup(args: argparse.Namespace, data: mnist.MNISTTensors | None, rank: int, 
               scheduler=scheduler, amp_dtype=amp_dtype, history=[],
               scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
               shuffle=torch.Generator().manual_seed(args.seed))
-    if ck is not None:
-        restore(run, ck, args.resume)
+    if ck is not None:  # a resumed CPU run is bit-identical to an uninterrupted one
+        module.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ck["scheduler"])
+        run.scaler.load_state_dict(ck["scaler"])
+        run.shuffle.set_state(ck["shuffle"])  # the only random numbers a step draws
+        run.step, run.history = ck["step"], ck["history"]
+        run.last_good = (Path(args.resume), ck["epoch"])
     if world > 1:
         run.model = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -231,8 +211,7 @@ def advice(args: argparse.Namespace) -> str:
 
 def verify_step(run: Run, verifier: torch_mlp.verify.Verifier, row: dict[str, Any], x: Tensor,
                 y: Tensor, loss: Tensor) -> None:
-    """Check this step's .grads; keep the worst share of the tolerance and, per parameter,
-    the max error of ours and of native autograd's against float64."""
+    """Check this step's .grads (torch_mlp.verify) and keep the worst numbers of the epoch."""
     t0 = time.perf_counter()
     try:
         report = verifier.check(lambda m, x, y: forward(m, x, y, run.args)[0], x, y,
@@ -250,8 +229,7 @@ def verify_step(run: Run, verifier: torch_mlp.verify.Verifier, row: dict[str, An
 
 
 def train(run: Run, epoch: int) -> dict[str, Any]:
-    """One epoch over the shuffled training set, each process taking its share of every
-    global batch; returns the epoch's row of metrics.csv."""
+    """One epoch over the shuffled training set; returns the epoch's row of metrics.csv."""
     args, t0 = run.args, time.perf_counter()
     run.model.train()
     verifier = torch_mlp.verify.Verifier(run.model, scaler=run.scaler, optimizer=run.optimizer,
@@ -260,8 +238,6 @@ def train(run: Run, epoch: int) -> dict[str, Any]:
     every = 0 if args.native else run.steps if args.verify_every is None else args.verify_every
     checks = {"verify_checks": 0, "verify_seconds": 0.0, "verify_tolerance_used": 0.0}
     sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # Σ loss·n, Σ correct, n
-    # NaN/inf: checked every step on one CPU (free), else every 10 (a sync)
-    check_every = 1 if run.device.type == "cpu" and run.world == 1 else 10
     batches = mnist.shuffled_batches(len(run.data.y_train), args.batch_size, run.shuffle,
                                      rank=run.rank, world_size=run.world, device=run.device)
     for b, idx in enumerate(batches):
@@ -283,7 +259,7 @@ def train(run: Run, epoch: int) -> dict[str, Any]:
         sums[1] += (logits.argmax(-1) == y).sum()
         sums[2] += len(y)
         run.step += 1
-        if run.step % check_every == 0 or b == len(batches) - 1:  # on every process at once
+        if run.step % 10 == 0 or b == len(batches) - 1:  # NaN/inf: a sync, on every process
             bad = (~torch.isfinite(sums[:1])).double()
             if run.world > 1:
                 dist.all_reduce(bad)
@@ -311,13 +287,13 @@ def evaluate(run: Run) -> tuple[float, float]:
     """Test cross-entropy (no smoothing, no L2) and accuracy, the same on every process."""
     logits = predict(run.module, run.data.x_test)
     loss = TF.cross_entropy(logits, run.data.y_test).item()
-    return loss, (logits.argmax(-1) == run.data.y_test).float().mean().item()
+    return loss, (logits.argmax(-1) == run.data.y_test).sum().item() / len(logits)
 
 
 # ------------------------------------------------------------------------------ the epochs
 def save_epoch(run: Run) -> None:
-    """metrics.csv, then checkpoint.pt (no Ctrl-C leaves a checkpoint ahead of the metrics):
-    all a run needs to continue exactly where it is."""
+    """metrics.csv, then (no Ctrl-C leaves it ahead of them) checkpoint.pt: all it takes to
+    continue exactly where the run is."""
     kept = f"{run.kept()}: free some space, then continue with --resume"
     rundir.write_metrics(run.out / "metrics.csv", run.history, kept)
     rundir.save_checkpoint(run.out / "checkpoint.pt", {
@@ -326,9 +302,7 @@ def save_epoch(run: Run) -> None:
         "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(), "history": run.history, "world_size": run.world,
         "images_per_epoch": run.images,
-        "rng": {"torch": torch.get_rng_state(), "shuffle": run.shuffle.get_state(),
-                "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda"
-                else None},
+        "shuffle": run.shuffle.get_state(),
         "args": {k: v for k, v in vars(run.args).items() if k != "explicit"}}, kept)
 
 
@@ -350,8 +324,7 @@ def end_epoch(run: Run, row: dict[str, Any], t0: float) -> None:
 
 
 def fit(run: Run) -> dict[str, Any]:
-    """config.json, the epochs from where the run stands to --epochs, then the outputs;
-    returns the last epoch's metrics with ``out`` and ``history``."""
+    """config.json, the epochs from where the run stands to --epochs, then the outputs."""
     args, t_start = run.args, time.perf_counter()
     sizes = "-".join(map(str, [784, *args.hidden, 10]))
     flags = {k: v for k, v in vars(args).items() if k != "explicit"}
@@ -383,10 +356,43 @@ def fit(run: Run) -> dict[str, Any]:
     return {**last, "out": str(run.out), "history": run.history, "wall_seconds": seconds}
 
 
+# ------------------------------------------------------------------------------ --evaluate
+def class_report(logits: Tensor, y: Tensor) -> dict[str, Any]:
+    """Accuracy, per-class precision and recall (None for a class never predicted, or never
+    there) and the confusion matrix (rows: the true class, columns: the predicted one)."""
+    k = logits.shape[-1]
+    confusion = torch.bincount(y * k + logits.argmax(-1), minlength=k * k).reshape(k, k)
+    hits, predicted, there = confusion.diag().tolist(), confusion.sum(0), confusion.sum(1)
+    return {"accuracy": sum(hits) / len(y),
+            "precision": [h / n if n else None for h, n in zip(hits, predicted.tolist())],
+            "recall": [h / n if n else None for h, n in zip(hits, there.tolist())],
+            "confusion": confusion.tolist()}
+
+
+def evaluate_checkpoint(args: argparse.Namespace, data: mnist.MNISTTensors | None
+                        ) -> dict[str, Any]:
+    """The checkpoint's model on the whole test set: evaluation.json, confusion.png and
+    mistakes.png, written next to the checkpoint; returns evaluation.json's content."""
+    ck = rundir.load_checkpoint(args.evaluate)
+    model = build_model(ck["args"]["hidden"], ck["args"]["native"])
+    model.load_state_dict(ck["model"])
+    data = load_data(args, data, torch.device("cpu"))
+    logits = predict(model, data.x_test)
+    report = {"epoch": ck["epoch"], **class_report(logits, data.y_test)}
+    out, kept = Path(args.out), "the checkpoint is kept"
+    with rundir.take(out, args.evaluate):  # not while a run writes there
+        rundir.write(out / "evaluation.json",
+                     lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"), kept)
+        warning = plots.write_evaluation(out, report["confusion"], logits, data, kept)
+    if not args.quiet:
+        print(f"test accuracy {report['accuracy']:.2%} after epoch {ck['epoch']}; written in "
+              f"{out}: " + (warning or "evaluation.json, confusion.png and mistakes.png"))
+    return report
+
+
 # ------------------------------------------------------------------------------ main
 def run(args: argparse.Namespace, data: mnist.MNISTTensors | None = None) -> dict[str, Any]:
-    """A whole run of parsed flags: join torchrun's process group (if any: gloo on CPU, NCCL
-    on CUDA), set the threads, train, and leave the group cleanly."""
+    """Join torchrun's process group (if any), set the threads, train or --evaluate, leave."""
     threads, world = torch.get_num_threads(), int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = 0, int(os.environ.get("LOCAL_RANK", "0"))
     if args.threads:
@@ -398,6 +404,8 @@ def run(args: argparse.Namespace, data: mnist.MNISTTensors | None = None) -> dic
         dist.init_process_group("nccl" if cuda else "gloo")
         rank = dist.get_rank()
     try:
+        if args.evaluate is not None:
+            return evaluate_checkpoint(args, data)
         r = setup(args, data, rank, world, local_rank)
         # The run directory is this run's alone until it ends: rank 0 holds its lock.
         with on_rank0(rank, world, lambda: rundir.take(r.out, args.resume)) or \
@@ -414,8 +422,8 @@ def run(args: argparse.Namespace, data: mnist.MNISTTensors | None = None) -> dic
 
 def main(argv: list[str] | None = None, *, data: mnist.MNISTTensors | None = None
          ) -> dict[str, Any]:
-    """Parse ``argv`` (default: sys.argv[1:]) and run, with ``data`` if MNIST is loaded
-    already; returns the last epoch's row of metrics.csv with ``out`` and ``history``."""
+    """Parse ``argv`` and run (``data``: MNIST if loaded already); returns the last epoch's row
+    of metrics.csv with ``out`` and ``history``, or --evaluate's report."""
     return run(config.parse_args(argv), data)
 
 

@@ -30,8 +30,8 @@ LR_DEFAULTS: dict[str, float] = {"sgd": 0.4, "adam": 1e-3}  # --lr's depends on 
 # The other flags: how a run is carried out, not what it trains (except native and limit).
 RUN_DEFAULTS: dict[str, Any] = {
     "lr": None, "native": False, "limit": None, "device": "auto", "data_dir": "data",
-    "out": None, "resume": None, "verify_every": None, "compile": False, "amp": False,
-    "threads": 0, "quiet": False,
+    "out": None, "resume": None, "evaluate": None, "verify_every": None, "compile": False,
+    "amp": False, "threads": 0, "quiet": False,
 }
 # What "(default: …)" says where the default is resolved later (None in the parser).
 DEFAULT_TEXT: dict[str, str] = {
@@ -39,6 +39,7 @@ DEFAULT_TEXT: dict[str, str] = {
     "limit": f"all {N_TRAIN}",
     "out": "runs/<date-time>, or the --resume checkpoint's directory",
     "resume": "start a new run",
+    "evaluate": "train",
     "verify_every": "once per epoch, at its first step",
 }
 # Flags that change what is trained: a resume takes them from the checkpoint, and refuses one
@@ -124,6 +125,9 @@ _RUN_FLAGS: list[tuple[str, dict[str, Any], str]] = [
      "config.json and checkpoint.pt; locked while the run lasts"),
     ("--resume", {"type": _path, "metavar": "CHECKPOINT"},
      "continue the run saved in this checkpoint.pt, with the flags it was started with"),
+    ("--evaluate", {"type": _path, "metavar": "CHECKPOINT"},
+     "train nothing: evaluate this checkpoint on the test set, and write evaluation.json, "
+     "confusion.png and mistakes.png next to it"),
     ("--verify-every", {"type": _number(int, 0), "metavar": "N"},
      "every N steps, compare the step's loss and gradients with native autograd's and "
      "float64's (torch_mlp.verify), and stop if they differ; 0 turns it off"),
@@ -171,6 +175,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.explicit = sorted(vars(build_parser(with_defaults=False).parse_args(argv)))
+    if args.resume is not None and args.evaluate is not None:
+        parser.error("--resume and --evaluate: give one of them")
     kind = args.device.split(":")[0]
     if (kind == "cuda" and not torch.cuda.is_available()) or \
             (kind == "mps" and not torch.backends.mps.is_available()):
@@ -180,8 +186,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.lr is None:
         args.lr = LR_DEFAULTS[args.optimizer]
     if args.out is None:
+        given = args.resume or args.evaluate  # a run directory to continue, or to add to
         fresh = Path("runs", time.strftime("%Y%m%d-%H%M%S"))
-        args.out = str(fresh if args.resume is None else Path(args.resume).parent)
+        args.out = str(Path(given).parent if given else fresh)
     return args
 
 

@@ -27,11 +27,8 @@ LOCK = ".torch_mlp.lock"  # its presence marks a run directory; flock on it, the
 
 
 def take(out: Path, resume: str | None) -> IO[str]:
-    """Lock ``out`` for this run; the lock lasts until the returned file is closed (or the
-    process ends). Refused, in one line: a directory another run holds, a non-empty one that is
-    no run directory, and another run's directory (unless it is the one of ``resume``)."""
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out}: exists and is not a directory")
+    """Lock ``out`` until the returned file is closed; refuse a directory another run holds, a
+    non-empty one that is no run directory, and another run's (unless ``resume``'s own)."""
     if out.is_dir() and any(out.iterdir()) and not (out / LOCK).is_file():
         raise TrainingError(f"--out {out} is not empty and is not a torch_mlp run directory: "
                             f"choose a new or empty directory")
@@ -39,7 +36,8 @@ def take(out: Path, resume: str | None) -> IO[str]:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / LOCK, "a+")  # noqa: SIM115 (held open for the run's lifetime)
     except OSError as e:
-        raise TrainingError(f"--out {out}: cannot create the run directory ({e})") from None
+        raise TrainingError(f"--out {out}: cannot create the run directory ({e.strerror})"
+                            ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -56,8 +54,7 @@ def take(out: Path, resume: str | None) -> IO[str]:
         hint = f"continue it with --resume {ck}, or" if ck.is_file() else "delete it or"
         raise TrainingError(f"--out {out} holds another run ({', '.join(others[:4])}): {hint} "
                             f"choose another --out")
-    lock.seek(0)
-    lock.truncate()
+    lock.truncate(0)  # "a+": the write goes to the end, now the start
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     return lock
@@ -73,8 +70,7 @@ def write(path: Path, write_to: Callable[[Path], None], kept: str) -> None:
 
 
 def digest(obj: Any) -> str:
-    """SHA-256 of every tensor's dtype, shape and bytes and every other value's repr, each with
-    its place in ``obj``."""
+    """SHA-256 of the dtype, shape and bytes of every tensor in ``obj``, the repr of the rest."""
     h = hashlib.sha256()
 
     def feed(where: str, v: Any) -> None:
@@ -105,7 +101,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     """The checkpoint at ``path``, read with ``weights_only=True`` onto the CPU and checked
     against its digest: damage anywhere, in the zip records or the bytes they hold, is one line."""
     if not Path(path).is_file():
-        what = "is a directory, not a checkpoint file" if Path(path).is_dir() else "no such file"
+        what = "not a file" if Path(path).exists() else "no such file"
         raise TrainingError(f"checkpoint {path}: {what}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
