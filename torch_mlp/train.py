@@ -92,7 +92,7 @@ def on_rank0(rank: int, world: int, fn: Callable[[], Any]) -> Any:
     if rank == 0:
         try:
             result = fn()
-        except (TrainingError, mnist.MNISTIntegrityError) as e:
+        except (TrainingError, mnist.MNISTIntegrityError, OSError) as e:
             error = e
     said = [error and str(error)]
     if world > 1:

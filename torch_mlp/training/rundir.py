@@ -105,9 +105,9 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise TrainingError(f"checkpoint {path}: {what}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        why = "its content does not match its SHA-256"
-        ok = isinstance(ck, dict) and ck.get("format") == FORMAT and \
-            ck.pop("sha256", None) == digest(ck)
+        form = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        why = f"format {form!r}" if form != FORMAT else "its content does not match its SHA-256"
+        ok = form == FORMAT and ck.pop("sha256", None) == digest(ck)
     except Exception as e:  # whatever a damaged zip or pickle makes torch.load raise
         why, ok = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False
     if not ok:
