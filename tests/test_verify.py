@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections import namedtuple
-from collections.abc import Iterator
+from collections import UserDict, namedtuple
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,44 @@ def test_wrong_loss_value_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(verify.VerifyError, match=r"the loss value differs.*every gradient is "
                                                  r"within tolerance"):
         verify.check(model, _loss, x, y, loss=loss)
+
+
+def test_a_step_whose_gradients_are_scaled_by_a_power_of_two_gets_a_hint() -> None:
+    # A skipped zero_grad (the same step's backward twice) or a GradScaler left out: every
+    # gradient exactly 2**j times native's is a loop's mistake more likely than a derivation's.
+    torch.manual_seed(0)
+    model = _converted()
+    x, y = _batch()
+    loss = _loss(model, x, y)
+    loss.backward(retain_graph=True)
+    loss.backward()  # zero_grad() forgotten
+    with pytest.raises(verify.VerifyError, match=r"Every failing gradient is exactly 2× native's: "
+                                                 r"was zero_grad\(\) skipped, or a GradScaler's "
+                                                 r"scale not passed as scaler=\?\n"):
+        verify.check(model, _loss, x, y, loss=loss)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y, loss = _scaled_step(model, scaler)
+    with pytest.raises(verify.VerifyError, match=r"exactly 1024× native's"):
+        verify.check(model, _loss, x, y, loss=loss)  # scaler= not passed
+    assert verify.check(model, _loss, x, y, loss=loss, scaler=scaler,
+                        optimizer=torch.optim.SGD(model.parameters())).ok
+    # A real bug, off by 1% rather than a power of two, gets no such hint.
+    model.zero_grad()
+    _loss(model, x, y).backward()
+    model[0].weight.grad.mul_(1.01)
+    with pytest.raises(verify.VerifyError) as caught:
+        verify.check(model, _loss, x, y, loss=loss)
+    assert "exactly" not in str(caught.value) and "inputs" not in str(caught.value)
+
+
+def test_the_wrong_batch_gets_a_hint() -> None:
+    torch.manual_seed(0)
+    model = _converted()
+    x, y = _batch()
+    loss = _step(model, x, y)
+    with pytest.raises(verify.VerifyError, match=r"The (loss|gradients) differs? too: were these "
+                                                 r"the step's inputs\?\n"):
+        verify.check(model, _loss, *_batch(), loss=loss)  # the next batch, not this step's
 
 
 @pytest.fixture
@@ -387,6 +425,20 @@ def test_spectral_norm_in_training_mode_is_refused_naming_its_buffers() -> None:
     assert verify.check(model, _loss, x, y, loss=loss).ok
 
 
+def test_parametrized_spectral_norm_in_training_mode_is_refused_whatever_the_seed() -> None:
+    # Its power iteration may converge, so that the loss re-run bitwise equal: still refused.
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    for seed in range(10):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(10, 16)),
+                              nn.ReLU(), nn.Linear(16, 3))
+        loss = _ce(model, x, y)
+        loss.backward()
+        with pytest.raises(ValueError, match=r"changes the model's 0\.parametrizations\.weight"
+                                             r"\.0\._u, 0\.parametrizations\.weight\.0\._v as"):
+            verify.check(model, _ce, x, y, loss=loss)
+
+
 def test_bad_use_gets_clear_errors() -> None:
     model = _converted()
     x, y = _batch()
@@ -402,6 +454,54 @@ def test_bad_use_gets_clear_errors() -> None:
         verify.check(dropout, lambda m, x: m(x).sum(), x)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         verify.check(model, _loss, x, y)
+
+
+@pytest.mark.parametrize(("args", "error", "match"), [
+    (lambda m, x, y: (m.state_dict(), _loss, x, y), TypeError,
+     r"model must be an nn\.Module, got OrderedDict"),
+    (lambda m, x, y: (m, _loss(m, x, y), x, y), TypeError,
+     r"loss_fn must be callable as loss_fn\(model, \*inputs\), got Tensor"),
+    (lambda m, x, y: (m, lambda m, x, y: 1.0, x, y), TypeError,
+     r"loss_fn must return the loss as a one-element Tensor, got float"),
+    (lambda m, x, y: (m, lambda m, x, y: F.cross_entropy(m(x), y, reduction="none"), x, y),
+     TypeError, r"one-element Tensor, got torch\.Size\(\[32\]\)"),
+], ids=["model", "loss_fn not callable", "float loss", "non-scalar loss"])
+def test_bad_arguments_are_named(args: Any, error: type, match: str) -> None:
+    torch.manual_seed(0)
+    model = _converted()
+    x, y = _batch()
+    loss = _step(model, x, y)
+    with pytest.raises(error, match=match):
+        verify.check(*args(model, x, y), loss=loss)
+    with pytest.raises(error, match=match):
+        verify.check(*args(model, x, y))  # the loss recomputed: the same error
+
+
+def test_check_under_no_grad() -> None:
+    # A loop that runs its checks inside torch.no_grad() (as evaluation code does).
+    torch.manual_seed(0)
+    model = _converted()
+    x, y = _batch()
+    loss = _step(model, x, y)
+    with torch.no_grad():
+        assert verify.check(model, _loss, x, y, loss=loss).ok
+        assert verify.check(model, _loss, x, y).ok
+        model[0].weight.grad.mul_(1.01)
+        assert not verify.check(model, _loss, x, y, loss=loss, raise_on_failure=False).ok
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_script_module_inside_the_model_is_refused_by_name() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(torch.jit.script(nn.Sequential(nn.Linear(20, 16), nn.ReLU())),
+                          torch_mlp.Linear(16, 5))
+    x, y = _batch()
+    loss = _ce(model, x, y)
+    loss.backward()
+    with pytest.raises(TypeError, match=r"cannot copy the torch\.jit\.ScriptModule in the model "
+                                        r"\(RecursiveScriptModule\): check the module before "
+                                        r"torch\.jit\.script"):
+        verify.check(model, _ce, x, y, loss=loss)
 
 
 def test_meta_and_sparse_tensors_are_refused_by_name() -> None:
@@ -430,14 +530,15 @@ class DataBatch:
     y: Tensor
 
 
-@pytest.mark.parametrize("wrap", [Batch, DataBatch, lambda x, y: {"x": x, "y": y}],
-                         ids=["namedtuple", "dataclass", "dict"])
+@pytest.mark.parametrize("wrap", [Batch, DataBatch, lambda x, y: {"x": x, "y": y},
+                                  lambda x, y: UserDict(x=x, y=y)],
+                         ids=["namedtuple", "dataclass", "dict", "UserDict"])
 def test_structured_inputs_are_cast(wrap: Any) -> None:
     model = _converted()
     batch = wrap(*_batch())
 
     def loss_fn(m: nn.Module, b: Any) -> Tensor:
-        x, y = (b["x"], b["y"]) if isinstance(b, dict) else (b.x, b.y)
+        x, y = (b["x"], b["y"]) if isinstance(b, Mapping) else (b.x, b.y)
         return _loss(m, x, y)
 
     loss = loss_fn(model, batch)
@@ -577,11 +678,12 @@ def test_class_weight_of_a_submodule_loss_is_cast() -> None:
 
 
 # ---- bfloat16 autocast -----------------------------------------------------------------------
-def _amp_step(model: nn.Module, n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
-    """A step as PyTorch's AMP recipe runs it: the forward under autocast, backward outside.
-    Returns (x, y, loss) with the loss's autograd graph."""
+def _amp_step(model: nn.Module, n_in: int, n_out: int, dtype: torch.dtype = torch.bfloat16
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """A step as PyTorch's AMP recipe runs it: the forward under autocast (float32: none),
+    backward outside. Returns (x, y, loss) with the loss's autograd graph."""
     x, y = torch.randn(32, n_in), torch.randint(0, n_out, (32,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         loss = _amp_loss(model, x, y)
     model.zero_grad(set_to_none=True)
     loss.backward()
@@ -605,35 +707,64 @@ def test_bf16_autocast_correct_steps_pass() -> None:
         opt.step()
 
 
-def test_bf16_autocast_is_read_from_the_loss_graph_outside_the_block() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_is_read_from_the_loss_value_outside_the_block(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     model = torch_mlp.MLP(20, [16], 5)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(5):
-        x, y, loss = _amp_step(model, 20, 5)
-        report = verify.check(model, _amp_loss, x, y, loss=loss)  # outside the autocast block
-        assert report.ok and report.dtype == torch.bfloat16, str(report)
-        assert report.autocast_from == "the loss's autograd graph"
+    for as_given in (lambda t: t, Tensor.detach, Tensor.item):  # with its graph or without
+        x, y, loss = _amp_step(model, 20, 5, dtype)
+        report = verify.check(model, _amp_loss, x, y, loss=as_given(loss))  # outside the block
+        assert report.ok and report.dtype == dtype, str(report)
+        assert report.autocast_from == "the loss's value"
         opt.step()
-    # A float32 step's graph says: no autocast.
+    # A float32 step's loss says: no autocast.
     x, y = _batch(32)
-    loss = _amp_loss(model, x, y)
-    model.zero_grad()
-    loss.backward()
-    report = verify.check(model, _amp_loss, x, y, loss=loss)
+    loss = _step(model, x, y)
+    report = verify.check(model, _loss, x, y, loss=loss)
     assert report.ok and report.dtype == torch.float32
 
 
-def test_bf16_autocast_unseen_is_named_not_blamed_on_a_backward() -> None:
-    # The loss without its graph, checked outside the block: check() cannot know the step ran
-    # under autocast, and says so, naming the argument.
+class _FakeQuant(nn.Module):
+    """A float32 model that rounds one activation to bfloat16 on purpose: no autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch_mlp.Linear(20, 32), torch_mlp.Linear(32, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.a(x))
+        return self.b(h.to(torch.bfloat16).to(h.dtype))
+
+
+def test_an_explicit_bfloat16_cast_is_not_taken_for_autocast() -> None:
+    # A bfloat16 tensor in the loss's graph is no sign of autocast: checked as the float32 step
+    # it is, a doubled gradient is caught (a bfloat16 tolerance would let it pass).
+    torch.manual_seed(0)
+    model = _FakeQuant()
+    x, y = _batch()
+    loss = _ce(model, x, y)
+    loss.backward()
+    report = verify.check(model, _ce, x, y, loss=loss)
+    assert report.ok and report.dtype == torch.float32
+    assert report.autocast_from == "the loss's value"
+    model.a.weight.grad.mul_(2)
+    with pytest.raises(verify.VerifyError, match=r"the gradient of a\.weight differs"):
+        verify.check(model, _ce, x, y, loss=loss)
+
+
+def test_autocast_that_cannot_be_told_is_named_not_blamed_on_a_backward() -> None:
+    # No loss to reproduce (or one that no autocast reproduces), checked outside the block:
+    # check() cannot know the step ran under autocast, and says so, naming the argument.
     torch.manual_seed(0)
     model = torch_mlp.MLP(20, [16], 5)
     x, y, loss = _amp_step(model, 20, 5)
-    with pytest.raises(verify.VerifyError, match=r": check\(\) could not tell whether the step ran "
-                                                 r"under autocast .* pass autocast=<its dtype>"):
-        verify.check(model, _amp_loss, x, y, loss=loss.detach())
-    assert verify.check(model, _amp_loss, x, y, loss=loss.detach(), autocast=torch.bfloat16).ok
+    for given in (None, loss * 1.03):
+        with pytest.raises(verify.VerifyError, match=r": check\(\) could not tell whether the step "
+                                                     r"ran under autocast: pass autocast=<its "
+                                                     r"dtype> \(False: none\); if it still fails"):
+            verify.check(model, _amp_loss, x, y, loss=given)
+    assert verify.check(model, _amp_loss, x, y, autocast=torch.bfloat16).ok
 
 
 def test_bf16_autocast_wrong_loss_value_is_caught() -> None:
@@ -641,9 +772,33 @@ def test_bf16_autocast_wrong_loss_value_is_caught() -> None:
     model = torch_mlp.MLP(20, [16], 5)
     x, y, loss = _amp_step(model, 20, 5)
     for off in (1.14, 1.03):
-        with pytest.raises(verify.VerifyError, match="the loss value differs") as caught:
-            verify.check(model, _amp_loss, x, y, loss=loss * off)
+        with pytest.raises(verify.VerifyError, match=r"the loss value differs.*every gradient "
+                                                     r"is within tolerance") as caught:
+            verify.check(model, _amp_loss, x, y, loss=loss * off, autocast=torch.bfloat16)
         assert caught.value.report.rows[0].used > 1.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_whole_gradient_off_is_caught_beyond_native_error_only(dtype: torch.dtype) -> None:
+    # The tolerance is K times native's own error, which under autocast holds the forward's
+    # rounding: a whole gradient off by more fails, by less passes (the documented limit).
+    torch.manual_seed(0)
+    model = torch_mlp.MLP(20, [16], 5)
+    x, y, loss = _amp_step(model, 20, 5, dtype)
+    report = verify.check(model, _amp_loss, x, y, loss=loss)
+    assert report.dtype == dtype
+    grad = model[0].weight.grad
+    threshold = report.rows[1].tol / grad.abs().max().item()  # relative, for 0.weight
+    for factor, caught in ((1 + threshold / 2, False), (1 + 2 * threshold, True)):
+        saved = grad.clone()
+        grad.mul_(factor)
+        report = verify.check(model, _amp_loss, x, y, loss=loss, raise_on_failure=False)
+        assert report.ok is not caught, str(report)
+        assert report.worst.name == "0.weight" and 0.3 < report.worst.used < 3
+        grad.copy_(saved)
+    if dtype == torch.bfloat16:  # in this small MLP, a doubled gradient is caught
+        grad.mul_(2)
+        assert not verify.check(model, _amp_loss, x, y, loss=loss, raise_on_failure=False).ok
 
 
 def test_bf16_autocast_one_weight_gradient_entry_5_percent_off_is_caught() -> None:

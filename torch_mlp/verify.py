@@ -15,14 +15,17 @@ rounding, and natively in float64, nearly exact, which measures native's own rou
 
 Both passes run ``loss_fn(copy, *inputs)`` on a ``copy.deepcopy`` of the model (tied weights and
 shared submodules stay shared), never on the model itself, so its parameters, buffers and the RNG
-streams stay as they were whatever ``loss_fn`` does (a copy of a 784-1024-10 MLP takes about a
-millisecond, 1-2% of a check). ``loss_fn`` must therefore compute with the model it is given.
-Floating tensors among ``inputs`` (also inside lists, tuples, namedtuples, dicts and dataclasses)
-are cast to float64 for the float64 pass; any other floating tensor the loss reads must belong to
-the model (a ``CrossEntropyLoss(weight=...)`` as a submodule). Under DDP, ``loss_fn`` receives a
-copy of ``model.module``. A loss that draws random numbers (dropout in training mode) or changes
-model state it reads (spectral_norm in training mode) is refused: the step's state is gone, so no
-comparison could be sound.
+streams stay as they were whatever ``loss_fn`` does. ``loss_fn`` must therefore compute with the
+model it is given. Floating tensors among ``inputs`` (also inside lists, tuples, namedtuples,
+mappings and dataclasses) are cast to float64 for the float64 pass; any other floating tensor
+the loss reads must belong to the model (a ``CrossEntropyLoss(weight=...)`` as a submodule).
+Under DDP, ``loss_fn`` receives a copy of ``model.module``. A loss that draws random numbers
+(dropout in training mode) or changes model state it reads (spectral_norm in training mode) is
+refused: the step's state is gone, so no comparison could be sound.
+
+The tolerance is K times native's own error against float64. Under autocast that error holds the
+forward's rounding to bfloat16 or float16 and can be as large as the gradient: a whole gradient
+off by less passes (in a 784-256-10 MLP up to ×2 did), while in float32 1e-5 of it fails.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +49,7 @@ __all__ = ["VERIFY_K", "VERIFY_RTOL", "Report", "Row", "Verifier", "VerifyError"
 # Per parameter: max|g_ours − g_native| ≤ rtol · max|g_native| + K · max|g_native − g_64|.
 # rtol is that of the compared tensor's dtype (torch.testing's defaults). The K term is native's
 # own rounding error on this very batch: near convergence a gradient is a small difference of
-# large terms, so any fixed relative tolerance fails in the end while both merely round
-# differently (on MNIST ours stayed within 3× native's error over 20 epochs). A real bug, such as
-# a dropped 1/N, is off by about the gradient itself.
+# large terms, so any fixed relative tolerance fails in the end while both merely round apart.
 VERIFY_RTOL: dict[torch.dtype, float] = {
     torch.float64: 1e-7,
     torch.float32: 1.3e-6,
@@ -82,6 +83,7 @@ class Row:
     used: float
     ours_err: float  # max|ours − float64|
     native_err: float  # max|native − float64|
+    ratio: float  # ours·native / native·native: ours ≈ ratio × native
 
 
 @dataclass
@@ -132,8 +134,9 @@ class Verifier:
             (fine if the loop did), divides the gradients of parameters the optimizer does not
             hold by ``scaler.get_scale()``, and skips a step with non-finite gradients.
         optimizer: the optimizer the scaler unscales (needed with ``scaler``).
-        autocast: the step's autocast dtype, or ``False``; ``None``: read from the graph of
-            ``loss=`` as the step computed it, else from the autocast at the call.
+        autocast: the step's autocast dtype, or ``False``; ``None``: the autocast at the call,
+            else whichever of none, bfloat16 and float16 reproduces ``loss=`` (none if ``loss``
+            is omitted or none clearly does).
         rtol: overrides ``VERIFY_RTOL`` of each compared tensor's dtype.
         k: the multiple of native's own rounding error allowed (``VERIFY_K``).
         raise_on_failure: raise :class:`VerifyError` when out of tolerance, else return.
@@ -143,6 +146,8 @@ class Verifier:
                  optimizer: torch.optim.Optimizer | None = None,
                  autocast: torch.dtype | bool | None = None, rtol: float | None = None,
                  k: float = VERIFY_K, raise_on_failure: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"verify: model must be an nn.Module, got {type(model).__name__}")
         if scaler is not None and optimizer is None:
             raise ValueError("verify: scaler needs optimizer, to unscale the gradients with "
                              "scaler.unscale_(optimizer) before comparing them")
@@ -159,11 +164,10 @@ class Verifier:
         """One line: how many checks, the worst relative difference and tolerance used."""
         if self.checks == 0 and self.skipped == 0:
             return "verify: no checks"
-        s = (f"verify ok ({self.checks} check{'s' * (self.checks != 1)}, max rel diff "
-             f"{self.max_rel:.1e}, {100 * self.max_used:.0f}% of tolerance, "
-             f"{self.seconds:.2f} s)")
-        return s + (f", {self.skipped} skipped (non-finite loss or gradients)"
-                    if self.skipped else "")
+        skipped = f", {self.skipped} skipped (non-finite loss or gradients)" if self.skipped else ""
+        return (f"verify ok ({self.checks} check{'s' * (self.checks != 1)}, max rel diff "
+                f"{self.max_rel:.1e}, {100 * self.max_used:.0f}% of tolerance, "
+                f"{self.seconds:.2f} s){skipped}")
 
     def check(self, loss_fn: Callable[..., Tensor], *inputs: Any,
               loss: Tensor | float | None = None) -> Report:
@@ -176,6 +180,9 @@ class Verifier:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("verify: check() was called under torch.inference_mode(), where "
                                "no gradient can be computed; call it outside that block")
+        if not callable(loss_fn):
+            raise TypeError(f"verify: loss_fn must be callable as loss_fn(model, *inputs), got "
+                            f"{type(loss_fn).__name__}")
         t0 = time.perf_counter()
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         inner, group = (self.model.module, self.model.process_group) if ddp else (self.model, None)
@@ -183,24 +190,23 @@ class Verifier:
         _refuse_unsupported(named, inputs)
         if all(p.grad is None for _, p in named):
             raise ValueError("verify: no parameter has a .grad: call loss.backward() first")
-        params = [p for _, p in named]
         ours, outside = self._ours(named)
-        device = params[0].device
-        ac, source = self._step_autocast(loss, device.type, params[0].dtype)
-        cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        device = named[0][1].device
+        cuda = sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=cuda):
-            if loss is None:
-                with torch.no_grad(), _autocast(device.type, ac):
-                    loss = loss_fn(_copy(inner, _clone)[0], *_map(_clone, inputs))
+            ac, source = self._step_autocast(loss_fn, inputs, inner, loss)
+            if loss is None:  # recomputed with ours
+                with torch.no_grad():
+                    loss = _run(loss_fn, inputs, inner, _clone, ac, native=False)[2]
             if self._skip(loss, ours, device, group):
                 self.skipped += 1
-                return Report(skipped=True, dtype=ac or params[0].dtype, autocast_from=source)
+                return Report(skipped=True, dtype=ac or named[0][1].dtype, autocast_from=source)
             scale = 1.0 if self.scaler is None else float(self.scaler.get_scale())
             rng = _rng_states(cuda)
-            twin, memo, native_l, native = _pass(loss_fn, inputs, inner, params, _clone, ac, scale)
-            _refuse_incomparable(loss_fn, inputs, inner, twin, memo, native_l, ac, rng, cuda)
+            twin, native_l, native = _pass(loss_fn, inputs, inner, named, _clone, ac, scale)
+            _refuse_incomparable(loss_fn, inputs, inner, twin, native_l, ac, rng, cuda)
             try:
-                *_, exact_l, exact = _pass(loss_fn, inputs, inner, params, _to64, None, 1.0)
+                *_, exact_l, exact = _pass(loss_fn, inputs, inner, named, _to64, None, 1.0)
             except RuntimeError as e:
                 raise RuntimeError(
                     f"verify: loss_fn failed in the float64 pass ({e}). Floating tensors must come "
@@ -208,10 +214,11 @@ class Verifier:
                     f"e.g. a CrossEntropyLoss(weight=...), is not cast") from e
         if group is not None:  # DDP averaged ours over the processes; do the same here
             native, exact = _all_mean(native, group), _all_mean(exact, group)
-        # The loss's floor: u·√n·|loss| for a sum of n terms rounded in any order.
+        # The loss's floor: u·√n·|loss| for a sum of n terms rounded in any order (u = eps / 2).
         n_max = max(t.numel() for t in [*inner.parameters(), *_tensors(inputs)])
-        u = max(_u(native_l.dtype) * math.sqrt(n_max), _u(ac) if ac else 0.0)
-        report = Report(dtype=ac or params[0].dtype, rtol=self._rtol(ours[0].dtype), k=self.k,
+        u = max(torch.finfo(native_l.dtype).eps / 2 * math.sqrt(n_max),
+                torch.finfo(ac).eps / 2 if ac else 0.0)
+        report = Report(dtype=ac or named[0][1].dtype, rtol=self._rtol(ours[0].dtype), k=self.k,
                         loss_floor=u * abs(exact_l.item()), autocast_from=source)
         report.rows = [_loss_row(loss, native_l, exact_l, self._rtol(native_l.dtype), self.k,
                                  report.loss_floor)]
@@ -235,26 +242,26 @@ class Verifier:
         scale = float(self.scaler.get_scale())
         return [g / scale if n in outside else g for (n, _), g in zip(named, grads)], outside
 
-    def _step_autocast(self, loss: Any, device_type: str, param_dtype: torch.dtype
-                       ) -> tuple[torch.dtype | None, str]:
+    def _step_autocast(self, loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...],
+                       model: nn.Module, loss: Any) -> tuple[torch.dtype | None, str]:
         """The step's autocast dtype (None: none) and where it was learnt ("": unknown)."""
+        device_type = next(model.parameters()).device.type
         if self.autocast is not None:
             return self.autocast or None, "autocast="
-        if isinstance(loss, Tensor) and loss.grad_fn is not None:
-            for node in _graph(loss):
-                # The dtype each node's forward produced (private, read only; missing: unknown):
-                # bfloat16 / float16 among float32 parameters means autocast.
-                metas = getattr(node, "_input_metadata", None)
-                if metas is None:
-                    break
-                low = [m.dtype for m in metas if m.dtype in (torch.bfloat16, torch.float16)]
-                if low and low[0] != param_dtype:
-                    return low[0], "the loss's autograd graph"
-            else:
-                return None, "the loss's autograd graph"
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type), "the autocast at the call"
-        return None, ""
+        if loss is None:
+            return None, ""
+        # Native computes the loss as ours does up to rounding, under the step's autocast only; a
+        # bfloat16 tensor in the graph would not tell: it may be a cast, h.to(torch.bfloat16).
+        step, off = float(torch.as_tensor(loss).detach()), {}
+        for dtype in (None, torch.bfloat16, torch.float16):
+            with torch.no_grad():
+                off[dtype] = abs(_run(loss_fn, inputs, model, _clone, dtype)[2].item() - step)
+            if off[None] == 0:  # bitwise: no autocast, no need to try the others
+                return None, "the loss's value"
+        best, second = sorted(off, key=lambda d: off[d])[:2]  # stable: a tie goes to None
+        return (best, "the loss's value") if off[best] <= off[second] / 2 else (None, "")
 
     def _rtol(self, dtype: torch.dtype) -> float:
         return VERIFY_RTOL[dtype.to_real()] if self.rtol is None else self.rtol
@@ -300,39 +307,54 @@ def check(model: nn.Module, loss_fn: Callable[..., Tensor], *inputs: Any,
                     k=k, raise_on_failure=raise_on_failure).check(loss_fn, *inputs, loss=loss)
 
 
-def _pass(loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...], model: nn.Module,
-          params: list[Tensor], cast: Callable[[Tensor], Tensor], ac: torch.dtype | None,
-          scale: float) -> tuple[nn.Module, dict[int, Any], Tensor, list[Tensor]]:
-    """``loss_fn`` with native autograd, on a copy of the model and inputs whose tensors are
-    ``cast(t)``, under autocast ``ac``; the loss scaled as ours was (float16 underflows alike).
-    Returns the copy, its memo (see :func:`_copy`), the loss and the gradients of ``params``."""
+def _run(loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...], model: nn.Module,
+         cast: Callable[[Tensor], Tensor], ac: torch.dtype | None, native: bool = True
+         ) -> tuple[nn.Module, dict[int, Any], Tensor]:
+    """``loss_fn`` on a copy of the model and of the inputs whose tensors are ``cast(t)``, under
+    autocast ``ac``, on native ops (else ours): the copy, its memo (:func:`_copy`), the loss."""
     twin, memo = _copy(model, cast)
-    with torch.enable_grad(), use_native(), _autocast(params[0].device.type, ac):
+    with use_native(native), _autocast(next(model.parameters()).device.type, ac):
         loss = loss_fn(twin, *_map(cast, inputs))
-    grads = torch.autograd.grad(loss * scale, [memo[id(p)] for p in params], allow_unused=True)
-    return twin, memo, loss, [torch.zeros_like(p) if g is None else g / scale
-                              for p, g in zip(params, grads)]
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(f"verify: loss_fn must return the loss as a one-element Tensor, got "
+                        f"{getattr(loss, 'shape', type(loss).__name__)}")
+    return twin, memo, loss
+
+
+def _pass(loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...], model: nn.Module,
+          named: list[tuple[str, Tensor]], cast: Callable[[Tensor], Tensor],
+          ac: torch.dtype | None, scale: float) -> tuple[nn.Module, Tensor, list[Tensor]]:
+    """:func:`_run` with native autograd, the loss scaled as ours was (float16 underflows alike):
+    the copy, the loss, and the gradients of the parameters ``named``."""
+    with torch.enable_grad():
+        twin, memo, loss = _run(loss_fn, inputs, model, cast, ac)
+    params = [p for _, p in named]
+    grads = torch.autograd.grad(loss, [*(memo[id(p)] for p in params), *params],
+                                torch.full_like(loss, scale), allow_unused=True)
+    for (n, _), g in zip(named, grads[len(params):]):
+        if g is not None:  # a gradient for the model's own parameter, not the copy's
+            raise ValueError(f"verify: loss_fn computes with {n} of the model in its closure: "
+                             f"compute the loss with the model it is given (check() passes a copy)")
+    return twin, loss, [torch.zeros_like(p) if g is None else g / scale
+                        for p, g in zip(params, grads)]
 
 
 def _refuse_incomparable(loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...],
-                         model: nn.Module, twin: nn.Module, memo: dict[int, Any], loss: Tensor,
+                         model: nn.Module, twin: nn.Module, loss: Tensor,
                          ac: torch.dtype | None, rng: list[Tensor], cuda: list[int]) -> None:
-    """After the native pass: refuse a loss_fn that drew random numbers, read the model from its
-    closure, or changed state its value depends on; ours came from a step whose state is gone."""
+    """After the native pass: refuse a loss_fn that drew random numbers or changed state its
+    value depends on; ours came from a step whose state is gone."""
     if not all(map(torch.equal, rng, _rng_states(cuda))):
         raise ValueError("verify: loss_fn draws random numbers (dropout, stochastic depth, "
                          "noise), so the step's gradients, drawn from an RNG state no longer "
                          "there, cannot be checked: check a step run in eval() mode")
-    mine = {id(p): n for n, p in model.named_parameters()}
-    for node in _graph(loss):
-        if id(getattr(node, "variable", None)) in mine:  # an AccumulateGrad of the model's own
-            raise ValueError(f"verify: loss_fn computes with {mine[id(node.variable)]} of the "
-                             f"model in its closure: compute the loss with the model it is "
-                             f"given (check() passes a copy)")
+    state = dict([*twin.named_parameters(), *twin.named_buffers()])
     changed = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-               if not torch.equal(t, memo[id(t)])]
-    if changed:  # harmless if the loss does not depend on it (BatchNorm's running stats)
+               if not torch.equal(t, state[n])]
+    if changed:  # harmless if the loss does not read it (BatchNorm's running stats): shift, rerun
         with torch.no_grad(), use_native(), _autocast(loss.device.type, ac):
+            for n in changed:
+                state[n].copy_(state[n] + 1)
             again = loss_fn(twin, *_map(_clone, inputs))
         if not torch.equal(again, loss.detach()):
             raise ValueError(f"verify: loss_fn changes the model's {', '.join(changed)} as it "
@@ -348,6 +370,9 @@ def _copy(model: nn.Module, cast: Callable[[Tensor], Tensor]) -> tuple[nn.Module
         for p in m.parameters(recurse=False):
             if id(p) not in memo:
                 memo[id(p)] = nn.Parameter(cast(p), p.requires_grad)
+        if isinstance(m, torch.jit.ScriptModule):  # deepcopy would not copy its parameters
+            raise TypeError(f"verify: check() cannot copy the torch.jit.ScriptModule in the model "
+                            f"({type(m).__name__}): check the module before torch.jit.script")
         # Tensor attributes too: e.g. spectral_norm's `weight`, which deepcopy refuses to copy.
         for t in [*m.buffers(recurse=False), *(v for v in vars(m).values() if torch.is_tensor(v))]:
             if id(t) not in memo:
@@ -370,7 +395,7 @@ def _to64(t: Tensor) -> Tensor:
 
 
 def _map(fn: Callable[[Tensor], Any], obj: Any) -> Any:
-    """``fn`` on every tensor in obj, also in lists, tuples, namedtuples, dicts, dataclasses."""
+    """``fn`` on every tensor in obj, also in lists, tuples, namedtuples, mappings, dataclasses."""
     if isinstance(obj, Tensor):
         return fn(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -380,8 +405,9 @@ def _map(fn: Callable[[Tensor], Any], obj: Any) -> Any:
         return type(obj)(*(_map(fn, o) for o in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map(fn, o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _map(fn, v) for k, v in obj.items()}
+    if isinstance(obj, Mapping):  # dict, UserDict (e.g. Hugging Face's BatchEncoding), ...
+        items = {k: _map(fn, v) for k, v in obj.items()}
+        return items if isinstance(obj, dict) else type(obj)(items)
     return obj
 
 
@@ -397,22 +423,9 @@ def _refuse_unsupported(named: list[tuple[str, Tensor]], inputs: tuple[Any, ...]
     tensors += [(f"the .grad of {n}", p.grad) for n, p in named if p.grad is not None]
     tensors += [(f"input {i}", t) for i, x in enumerate(inputs) for t in _tensors(x)]
     for what, t in tensors:
-        if t.is_meta:
-            raise ValueError(f"verify: {what} is a meta tensor, with no values to compare")
-        if t.layout != torch.strided:
-            raise ValueError(f"verify: {what} is sparse ({t.layout}); check() compares dense "
-                             f"tensors only")
-
-
-def _graph(loss: Tensor) -> Iterator[Any]:
-    """Every node of ``loss``'s autograd graph, once."""
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            yield node
-            stack.extend(n for n, _ in node.next_functions)
+        if t.is_meta or t.layout != torch.strided:
+            raise ValueError(f"verify: {what} is {'a meta tensor' if t.is_meta else 'sparse'} "
+                             f"({t.layout}): check() compares dense tensors with values")
 
 
 def _autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
@@ -421,10 +434,6 @@ def _autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
 
 def _rng_states(cuda: list[int]) -> list[Tensor]:
     return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in cuda)]
-
-
-def _u(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps / 2  # the unit roundoff
 
 
 def _all_mean(tensors: list[Tensor], group: Any) -> list[Tensor]:
@@ -444,8 +453,9 @@ def _grad_row(name: str, ours: Tensor, native: Tensor, exact: Tensor, rtol: floa
     diff, scale, ours_err, native_err = (t.abs().max().item() if t.numel() else 0.0 for t in
                                          (ours - native, native, ours - exact, native - exact))
     tol = rtol * scale + k * native_err
+    ratio = (ours * native).sum() / (native * native).sum()
     return Row(name, diff, diff / scale if scale > 0 else diff, tol, _used(diff, tol), ours_err,
-               native_err)
+               native_err, ratio.item())
 
 
 def _loss_row(ours: Any, native: Tensor, exact: Tensor, rtol: float, k: float, floor: float
@@ -454,7 +464,7 @@ def _loss_row(ours: Any, native: Tensor, exact: Tensor, rtol: float, k: float, f
     diff, native_err = abs(ours_v - exact_v), abs(native_v - exact_v)
     tol = rtol * abs(exact_v) + max(k * native_err, floor)
     return Row("loss", diff, diff / abs(exact_v) if exact_v else diff, tol, _used(diff, tol),
-               diff, native_err)
+               diff, native_err, ours_v / native_v if native_v else math.nan)
 
 
 def _failure(report: Report, outside: set[str]) -> str:
@@ -462,22 +472,31 @@ def _failure(report: Report, outside: set[str]) -> str:
     if r is None or not (r.used > 1 or math.isnan(r.used)):
         return (f"verify: another process's gradients differ from native autograd's beyond "
                 f"tolerance ({100 * report.used_all:.0f}% of it); this one's are within.\n{report}")
-    wrong = "the forward (value) of the loss" if r.name == "loss" else f"the backward of {r.name}"
-    blame = f"{wrong} is wrong"
-    if not report.autocast_from:
-        blame = (f"check() could not tell whether the step ran under autocast (none at the call, "
-                 f"loss= without its graph): if it did, pass autocast=<its dtype>; if not, {blame}")
+    what, blame = ((f"the gradient of {r.name} differs from native autograd's",
+                    f"the backward of {r.name} is wrong") if r.name != "loss" else
+                   ("the loss value differs from the float64 loss", "the loss's forward is wrong"))
+    loss_bad, *grads_bad = [not row.used <= 1 for row in report.rows]
+    if not report.autocast_from and any(grads_bad):  # gradients within: autocast matters not
+        blame = (f"check() could not tell whether the step ran under autocast: pass "
+                 f"autocast=<its dtype> (False: none); if it still fails, {blame}")
     elif r.name in outside:
         blame = (f"{r.name} is not in the optimizer, so check() took its gradient as still scaled "
                  f"by the GradScaler: if the loop unscaled it already, that is the difference; "
                  f"if not, {blame}")
-    if r.name != "loss":
-        return (f"verify: the gradient of {r.name} differs from native autograd's: max abs diff "
-                f"{r.abs:.3e} (max rel diff {r.rel:.3e}) > tolerance {r.tol:.3e} "
-                f"({report.dtype}); ours is {r.ours_err:.2e} from float64, native "
-                f"{r.native_err:.2e}: {blame}.\n{report}")
-    grads_ok = all(row.used <= 1 for row in report.rows[1:])
-    return (f"verify: the loss value differs from the float64 loss: abs diff {r.abs:.3e} (rel "
-            f"{r.rel:.3e}) > tolerance {r.tol:.3e} ({report.dtype} rounding allows "
-            f"{report.loss_floor:.2e}): {blame}"
-            f"{'; every gradient is within tolerance' if grads_ok else ''}.\n{report}")
+    powers = {_power_of_two(row.ratio) for row, bad in zip(report.rows[1:], grads_bad) if bad}
+    if len(powers) == 1 and 0 not in powers:  # a scale, not a bug of the derivation
+        blame += (f". Every failing gradient is exactly {2.0 ** powers.pop():g}× native's: was "
+                  f"zero_grad() skipped, or a GradScaler's scale not passed as scaler=?")
+    if loss_bad and any(grads_bad):
+        blame += (f". The {'gradients differ' if r.name == 'loss' else 'loss differs'} too: were "
+                  f"these the step's inputs?")
+    elif loss_bad:
+        blame += "; every gradient is within tolerance"
+    return (f"verify: {what}: max abs diff {r.abs:.3e} (rel {r.rel:.3e}) > tolerance {r.tol:.3e} "
+            f"({report.dtype}): {blame}{'' if blame.endswith('?') else '.'}\n{report}")
+
+
+def _power_of_two(x: float) -> int:
+    """j if x is 2**j (j ≠ 0) to 1%, else 0."""
+    j = round(math.log2(x)) if 0 < x < math.inf else 0
+    return j if abs(x / 2.0**j - 1) < 1e-2 else 0
