@@ -1,8 +1,6 @@
 """Train an MLP on MNIST with torch_mlp's hand-derived backward passes, checked against native
-autograd while it trains: ``python -m torch_mlp.train --help``, and docs/training.md. The flags
-live in training/config.py, the run directory and checkpoints in training/rundir.py, the
-pictures in training/plots.py.
-"""
+autograd as it trains (``--help``, docs/training.md). Its flags are training/config.py, its run
+directory and checkpoints training/rundir.py, its pictures training/plots.py."""
 
 from __future__ import annotations
 

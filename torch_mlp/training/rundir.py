@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -55,8 +56,7 @@ def take(out: Path, resume: str | None) -> IO[str]:
         raise TrainingError(f"--out {out} holds another run ({', '.join(others[:4])}): {hint} "
                             f"choose another --out")
     lock.truncate(0)  # "a+": the write goes to the end, now the start
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    print(f"pid {os.getpid()} on {socket.gethostname()}", file=lock, flush=True)
     return lock
 
 
@@ -104,7 +104,9 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         what = "not a file" if Path(path).exists() else "no such file"
         raise TrainingError(f"checkpoint {path}: {what}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # what a damaged file makes torch say: one line below
+            ck = torch.load(path, map_location="cpu", weights_only=True)
         form = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         why = f"format {form!r}" if form != FORMAT else "its content does not match its SHA-256"
         ok = form == FORMAT and ck.pop("sha256", None) == digest(ck)
