@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+import torch_mlp
+
 from .common import Settings, gemm_call, gemm_flops, interleaved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +148,8 @@ def step_budget(train: Any, data: Any, sizes: list[int], batch: int, device: str
         def call() -> None:
             for i in idx:
                 x, y = data.x_train.index_select(0, i), data.y_train.index_select(0, i)
-                loss, _ = train.forward(model, x, y, step_args)
+                with torch_mlp.use_native(native):  # as the trainer runs --native's loss
+                    loss, _ = train.forward(model, x, y, step_args)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if opt_step:
