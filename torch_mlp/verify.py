@@ -23,9 +23,11 @@ Under DDP, ``loss_fn`` receives a copy of ``model.module``. A loss that draws ra
 (dropout in training mode) or changes model state it reads (spectral_norm in training mode) is
 refused: the step's state is gone, so no comparison could be sound.
 
-The tolerance is K times native's own error against float64. Under autocast that error holds the
-forward's rounding to bfloat16 or float16 and can be as large as the gradient: a whole gradient
-off by less passes (in a 784-256-10 MLP up to ×2 did), while in float32 1e-5 of it fails.
+Per parameter, max|ours − native| ≤ rtol·max|native| + K·max|native − float64|: native's own
+error on this very batch, since near convergence a gradient is a small difference of large terms
+that no fixed relative tolerance allows for. Under autocast that error holds the forward's
+rounding to bfloat16 or float16 and can be as large as the gradient: a whole gradient off by
+less passes (in a 784-256-10 MLP up to ×2 did), while in float32 1e-5 of it fails.
 """
 
 from __future__ import annotations
@@ -46,10 +48,7 @@ from ._dispatch import use_native
 
 __all__ = ["VERIFY_K", "VERIFY_RTOL", "Report", "Row", "Verifier", "VerifyError", "check"]
 
-# Per parameter: max|g_ours − g_native| ≤ rtol · max|g_native| + K · max|g_native − g_64|.
-# rtol is that of the compared tensor's dtype (torch.testing's defaults). The K term is native's
-# own rounding error on this very batch: near convergence a gradient is a small difference of
-# large terms, so any fixed relative tolerance fails in the end while both merely round apart.
+# rtol: torch.testing's default for the compared tensor's dtype; K: see the module docstring.
 VERIFY_RTOL: dict[torch.dtype, float] = {
     torch.float64: 1e-7,
     torch.float32: 1.3e-6,
@@ -80,10 +79,13 @@ class Row:
     abs: float
     rel: float  # abs / max|native| (loss: / |float64|)
     tol: float
-    used: float
     ours_err: float  # max|ours − float64|
     native_err: float  # max|native − float64|
     ratio: float  # ours·native / native·native: ours ≈ ratio × native
+
+    @property
+    def used(self) -> float:
+        return self.abs / self.tol if self.tol > 0 else (0.0 if self.abs == 0 else math.inf)
 
 
 @dataclass
@@ -106,9 +108,8 @@ class Report:
     @property
     def worst(self) -> Row | None:
         """The row closest to (or furthest past) its tolerance; None when skipped."""
-        if not self.rows:
-            return None
-        return max(self.rows, key=lambda r: math.inf if math.isnan(r.used) else r.used)
+        return max(self.rows, key=lambda r: math.inf if math.isnan(r.used) else r.used,
+                   default=None)
 
     def __str__(self) -> str:
         if self.skipped:
@@ -154,8 +155,7 @@ class Verifier:
         self.model, self.scaler, self.optimizer = model, scaler, optimizer
         self.autocast, self.rtol, self.k = autocast, rtol, k
         self.raise_on_failure = raise_on_failure
-        self.checks = 0
-        self.skipped = 0
+        self.checks = self.skipped = 0
         self.max_rel = 0.0  # max |g_ours − g_native| / max |g_native| over parameters and checks
         self.max_used = 0.0  # max abs diff / tolerance, over rows and checks
         self.seconds = 0.0
@@ -174,9 +174,8 @@ class Verifier:
         """Compare the ``.grad`` s and the loss value with native autograd's and float64's.
 
         ``loss_fn(model, *inputs) -> Tensor`` computes the step's loss with the model it is
-        given; ``loss`` is the (unscaled) loss the step computed, recomputed if omitted. Returns
-        a :class:`Report`; raises :class:`VerifyError` if out of tolerance.
-        """
+        given; ``loss`` is the (unscaled) loss the step computed, recomputed if omitted. Raises
+        :class:`VerifyError` if out of tolerance."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("verify: check() was called under torch.inference_mode(), where "
                                "no gradient can be computed; call it outside that block")
@@ -196,8 +195,7 @@ class Verifier:
         with torch.random.fork_rng(devices=cuda):
             ac, source = self._step_autocast(loss_fn, inputs, inner, loss)
             if loss is None:  # recomputed with ours
-                with torch.no_grad():
-                    loss = _run(loss_fn, inputs, inner, _clone, ac, native=False)[2]
+                loss = _run(loss_fn, inputs, inner, _clone, ac, native=False)[2]
             if self._skip(loss, ours, device, group):
                 self.skipped += 1
                 return Report(skipped=True, dtype=ac or named[0][1].dtype, autocast_from=source)
@@ -252,12 +250,10 @@ class Verifier:
             return torch.get_autocast_dtype(device_type), "the autocast at the call"
         if loss is None:
             return None, ""
-        # Native computes the loss as ours does up to rounding, under the step's autocast only; a
-        # bfloat16 tensor in the graph would not tell: it may be a cast, h.to(torch.bfloat16).
+        # Native reproduces the step's loss under its autocast only (a bf16 op may be a cast).
         step, off = float(torch.as_tensor(loss).detach()), {}
         for dtype in (None, torch.bfloat16, torch.float16):
-            with torch.no_grad():
-                off[dtype] = abs(_run(loss_fn, inputs, model, _clone, dtype)[2].item() - step)
+            off[dtype] = abs(_run(loss_fn, inputs, model, _clone, dtype)[2].item() - step)
             if off[None] == 0:  # bitwise: no autocast, no need to try the others
                 return None, "the loss's value"
         best, second = sorted(off, key=lambda d: off[d])[:2]  # stable: a tie goes to None
@@ -269,10 +265,9 @@ class Verifier:
     def _skip(self, loss: Any, ours: list[Tensor], device: torch.device, group: Any) -> bool:
         """A non-finite loss, or (with a scaler) non-finite gradients: no verdict on the
         backward. Under DDP, one process's skip is everyone's."""
-        finite = torch.isfinite(torch.as_tensor(loss).detach()).all().to(device, torch.float64)
+        finite = torch.as_tensor(loss).isfinite().all().reshape(1).to(device, torch.float64)
         if self.scaler is not None:
             finite = finite * torch.stack([torch.isfinite(g).all() for g in ours]).all()
-        finite = finite.reshape(1)
         if group is not None:
             dist.all_reduce(finite, dist.ReduceOp.MIN, group=group)
         return bool(finite.item() < 1)
@@ -282,8 +277,7 @@ class Verifier:
         """The worst row over every process; counts the check; raises if out of tolerance."""
         rows = report.rows
         worst = torch.tensor([max(r.used for r in rows), max(r.rel for r in rows[1:])],
-                             dtype=torch.float64, device=device)
-        worst = torch.nan_to_num(worst, nan=math.inf)
+                             dtype=torch.float64, device=device).nan_to_num(math.inf)
         if group is not None:  # every process must reach the same verdict
             dist.all_reduce(worst, dist.ReduceOp.MAX, group=group)
         report.used_all, rel = worst.tolist()
@@ -308,12 +302,13 @@ def check(model: nn.Module, loss_fn: Callable[..., Tensor], *inputs: Any,
 
 
 def _run(loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...], model: nn.Module,
-         cast: Callable[[Tensor], Tensor], ac: torch.dtype | None, native: bool = True
-         ) -> tuple[nn.Module, dict[int, Any], Tensor]:
-    """``loss_fn`` on a copy of the model and of the inputs whose tensors are ``cast(t)``, under
-    autocast ``ac``, on native ops (else ours): the copy, its memo (:func:`_copy`), the loss."""
+         cast: Callable[[Tensor], Tensor], ac: torch.dtype | None, native: bool = True,
+         grad: bool = False) -> tuple[nn.Module, dict[int, Any], Tensor]:
+    """``loss_fn`` on copies of the model and inputs, tensors ``cast(t)``, under autocast ``ac``,
+    native (else ours), with a graph if ``grad``: the copy, its memo (:func:`_copy`), the loss."""
     twin, memo = _copy(model, cast)
-    with use_native(native), _autocast(next(model.parameters()).device.type, ac):
+    with (torch.set_grad_enabled(grad), use_native(native),
+          _autocast(next(model.parameters()).device.type, ac)):
         loss = loss_fn(twin, *_map(cast, inputs))
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         raise TypeError(f"verify: loss_fn must return the loss as a one-element Tensor, got "
@@ -326,8 +321,7 @@ def _pass(loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...], model: nn.Mod
           ac: torch.dtype | None, scale: float) -> tuple[nn.Module, Tensor, list[Tensor]]:
     """:func:`_run` with native autograd, the loss scaled as ours was (float16 underflows alike):
     the copy, the loss, and the gradients of the parameters ``named``."""
-    with torch.enable_grad():
-        twin, memo, loss = _run(loss_fn, inputs, model, cast, ac)
+    twin, memo, loss = _run(loss_fn, inputs, model, cast, ac, grad=True)
     params = [p for _, p in named]
     grads = torch.autograd.grad(loss, [*(memo[id(p)] for p in params), *params],
                                 torch.full_like(loss, scale), allow_unused=True)
@@ -346,8 +340,7 @@ def _refuse_incomparable(loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...]
     value depends on; ours came from a step whose state is gone."""
     if not all(map(torch.equal, rng, _rng_states(cuda))):
         raise ValueError("verify: loss_fn draws random numbers (dropout, stochastic depth, "
-                         "noise), so the step's gradients, drawn from an RNG state no longer "
-                         "there, cannot be checked: check a step run in eval() mode")
+                         "noise) from a state the step left: check a step run in eval() mode")
     state = dict([*twin.named_parameters(), *twin.named_buffers()])
     changed = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
                if not torch.equal(t, state[n])]
@@ -365,11 +358,9 @@ def _refuse_incomparable(loss_fn: Callable[..., Tensor], inputs: tuple[Any, ...]
 def _copy(model: nn.Module, cast: Callable[[Tensor], Tensor]) -> tuple[nn.Module, dict[int, Any]]:
     """``copy.deepcopy(model)`` whose parameters, buffers and tensor attributes are fresh
     ``cast(t)``; returns it and the memo (id of the model's tensor → the copy's)."""
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = {id(p): nn.Parameter(cast(p), p.requires_grad)
+                            for p in model.parameters()}
     for m in model.modules():
-        for p in m.parameters(recurse=False):
-            if id(p) not in memo:
-                memo[id(p)] = nn.Parameter(cast(p), p.requires_grad)
         if isinstance(m, torch.jit.ScriptModule):  # deepcopy would not copy its parameters
             raise TypeError(f"verify: check() cannot copy the torch.jit.ScriptModule in the model "
                             f"({type(m).__name__}): check the module before torch.jit.script")
@@ -443,10 +434,6 @@ def _all_mean(tensors: list[Tensor], group: Any) -> list[Tensor]:
     return [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def _used(diff: float, tol: float) -> float:
-    return diff / tol if tol > 0 else (0.0 if diff == 0 else math.inf)
-
-
 def _grad_row(name: str, ours: Tensor, native: Tensor, exact: Tensor, rtol: float, k: float
               ) -> Row:
     ours, native = ours.to(exact.dtype), native.to(exact.dtype)
@@ -454,8 +441,8 @@ def _grad_row(name: str, ours: Tensor, native: Tensor, exact: Tensor, rtol: floa
                                          (ours - native, native, ours - exact, native - exact))
     tol = rtol * scale + k * native_err
     ratio = (ours * native).sum() / (native * native).sum()
-    return Row(name, diff, diff / scale if scale > 0 else diff, tol, _used(diff, tol), ours_err,
-               native_err, ratio.item())
+    return Row(name, diff, diff / scale if scale > 0 else diff, tol, ours_err, native_err,
+               ratio.item())
 
 
 def _loss_row(ours: Any, native: Tensor, exact: Tensor, rtol: float, k: float, floor: float
@@ -463,13 +450,13 @@ def _loss_row(ours: Any, native: Tensor, exact: Tensor, rtol: float, k: float, f
     ours_v, native_v, exact_v = (float(torch.as_tensor(t).detach()) for t in (ours, native, exact))
     diff, native_err = abs(ours_v - exact_v), abs(native_v - exact_v)
     tol = rtol * abs(exact_v) + max(k * native_err, floor)
-    return Row("loss", diff, diff / abs(exact_v) if exact_v else diff, tol, _used(diff, tol),
-               diff, native_err, ours_v / native_v if native_v else math.nan)
+    return Row("loss", diff, diff / abs(exact_v) if exact_v else diff, tol, diff, native_err,
+               ours_v / native_v if native_v else math.nan)
 
 
 def _failure(report: Report, outside: set[str]) -> str:
     r = report.worst
-    if r is None or not (r.used > 1 or math.isnan(r.used)):
+    if r is None or r.used <= 1:  # NaN is not <= 1
         return (f"verify: another process's gradients differ from native autograd's beyond "
                 f"tolerance ({100 * report.used_all:.0f}% of it); this one's are within.\n{report}")
     what, blame = ((f"the gradient of {r.name} differs from native autograd's",
@@ -481,22 +468,16 @@ def _failure(report: Report, outside: set[str]) -> str:
                  f"autocast=<its dtype> (False: none); if it still fails, {blame}")
     elif r.name in outside:
         blame = (f"{r.name} is not in the optimizer, so check() took its gradient as still scaled "
-                 f"by the GradScaler: if the loop unscaled it already, that is the difference; "
-                 f"if not, {blame}")
-    powers = {_power_of_two(row.ratio) for row, bad in zip(report.rows[1:], grads_bad) if bad}
-    if len(powers) == 1 and 0 not in powers:  # a scale, not a bug of the derivation
-        blame += (f". Every failing gradient is exactly {2.0 ** powers.pop():g}× native's: was "
-                  f"zero_grad() skipped, or a GradScaler's scale not passed as scaler=?")
-    if loss_bad and any(grads_bad):
+                 f"by the GradScaler: if the loop unscaled it already, that is why; else {blame}")
+    ratios = [row.ratio for row, bad in zip(report.rows[1:], grads_bad) if bad]
+    j = round(math.log2(ratios[0])) if ratios and 0 < ratios[0] < math.inf else 0
+    if j and all(abs(x / 2.0**j - 1) < 1e-2 for x in ratios):  # a scale, not a derivation's bug
+        blame += (f". Every failing gradient is exactly {2.0**j:g}× native's: was zero_grad() "
+                  f"skipped, or a GradScaler's scale not passed as scaler=?")
+    if loss_bad:
         blame += (f". The {'gradients differ' if r.name == 'loss' else 'loss differs'} too: were "
-                  f"these the step's inputs?")
-    elif loss_bad:
-        blame += "; every gradient is within tolerance"
+                  f"these the step's inputs?" if any(grads_bad) else
+                  "; every gradient is within tolerance")
     return (f"verify: {what}: max abs diff {r.abs:.3e} (rel {r.rel:.3e}) > tolerance {r.tol:.3e} "
             f"({report.dtype}): {blame}{'' if blame.endswith('?') else '.'}\n{report}")
 
-
-def _power_of_two(x: float) -> int:
-    """j if x is 2**j (j ≠ 0) to 1%, else 0."""
-    j = round(math.log2(x)) if 0 < x < math.inf else 0
-    return j if abs(x / 2.0**j - 1) < 1e-2 else 0
