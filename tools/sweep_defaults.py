@@ -18,6 +18,8 @@ import itertools
 import json
 import math
 import multiprocessing as mp
+import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -79,7 +81,19 @@ def run(cfg: dict, data, device: str) -> dict:
             sched.step()
     with torch.no_grad():
         acc = (model(Xte).argmax(1) == Yte).float().mean().item()
-    return {**cfg, "test_acc": acc, "seconds": time.time() - t0}
+    return {**cfg, "test_acc": acc, "seconds": time.time() - t0, **provenance(device)}
+
+
+def provenance(device: str) -> dict:
+    """Where and when a row was measured: device, torch version, UTC date and git commit."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=RAW.parents[1], check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"device": name or platform.machine(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit}
 
 
 def worker(args):
@@ -95,8 +109,8 @@ def worker(args):
     return rows
 
 
-def grid(name: str = "h100") -> list[dict]:
-    """``h100``: the first round (run on the lent H100). ``cpu``: the second round, run on this
+def grid(name: str = "wide") -> list[dict]:
+    """``wide``: the first round (run on a lent GPU). ``cpu``: the second round, run on a
     2-core CPU, of cheaper schedules (bigger batches, fewer epochs) that fit 90 s with margin."""
     g = []
 
@@ -127,7 +141,7 @@ def main() -> None:
     p.add_argument("--out", default="sweep.jsonl")
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--grid", choices=("h100", "cpu"), default="h100")
+    p.add_argument("--grid", choices=("wide", "cpu"), default="wide")
     p.add_argument("--resume", action="store_true",
                    help="keep --out's rows and run only the configurations it lacks")
     a = p.parse_args()
