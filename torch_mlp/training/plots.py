@@ -128,8 +128,9 @@ def write_evaluation(out: Path, confusion: list[list[int]], logits: Tensor, data
     ax = fig.subplots()
     fig.colorbar(ax.imshow(mistakes.numpy(), cmap="Reds"), ax=ax, label="mistakes")
     for (t, p), n in zip(torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(),
-                         c.flatten().tolist()):
-        ax.text(p, t, n, ha="center", va="center", fontsize=7, color="grey" if t == p else "k")
+                         c.flatten().tolist()):  # white text on the darker half of the scale
+        color = "grey" if t == p else "w" if n > mistakes.max() / 2 else "k"
+        ax.text(p, t, n, ha="center", va="center", fontsize=7, color=color)
     ax.set(xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10),
            title=f"confusion matrix: {int(mistakes.sum())} mistakes in {int(c.sum())}")
     _save(fig, out / "confusion.png", kept)
