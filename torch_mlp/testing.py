@@ -77,8 +77,7 @@ def check_function(
     Args:
         custom: the function under test, e.g. ``MyFunction.apply``.
         reference: a native function with the same signature, or None to skip parity.
-        inputs: its arguments. Floating and complex tensors with ``requires_grad=True`` are
-            differentiated; other arguments (integer targets, Python values) pass as they are.
+        inputs: its arguments; tensors that require grad are differentiated, others pass as is.
         name: the label in results and messages; defaults to the Function's name.
         gradgrad: also check double backward (False for a ``once_differentiable`` backward).
         fast_mode: torch's random projections instead of whole Jacobians.
