@@ -47,7 +47,7 @@ def test_a_refusal_on_rank_0_ends_every_process_in_one_line(data_dir: Path,
                                  tmp_path)
     assert rc != 0
     assert err0 == ("train.py: error: --out mine is not empty and is not a torch_mlp run "
-                    "directory: choose a new or empty directory\n"), err0
+                    "directory: choose a new or empty directory with --out\n"), err0
     assert err1 == "", err1  # no gloo traceback: rank 1 was told, and left quietly
 
 

@@ -65,8 +65,7 @@ def test_foreign_files_are_refused_and_left_alone(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.csv"]
     assert (tmp_path / "config.json").read_text() == "mine"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(TrainingError, match=r"file: cannot create the run directory \(File "
-                       r"exists\)"):
+    with pytest.raises(TrainingError, match=r"^--out .*file is a file: choose a directory"):
         rundir.take(tmp_path / "file", None)
 
 
@@ -120,7 +119,8 @@ def test_two_runs_started_together_one_is_refused(data_dir: Path, tmp_path: Path
 # ---- checkpoints ------------------------------------------------------------------------------
 def _checkpoint() -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
-    return {"epoch": 1, "w": torch.randn(3, generator=g), "args": {"lr": 0.1}}
+    return {"epoch": 1, "w": torch.randn(3, generator=g), "args": {"lr": 0.1}, "scaler": {},
+            "empty": []}
 
 
 def test_checkpoint_round_trip_and_any_change_is_refused(tmp_path: Path) -> None:
@@ -141,19 +141,28 @@ def test_checkpoint_round_trip_and_any_change_is_refused(tmp_path: Path) -> None
 
 
 def _header_offsets(data: bytes) -> list[int]:
-    """Every byte of a zip's local headers (with their names and extra fields), of its central
-    directory and of its end record."""
+    """Every byte of a zip's local headers (with their names and extra fields), of its small
+    records (the pickle among them), of its central directory and of its end record."""
     offsets: list[int] = []
     for info in zipfile.ZipFile(io.BytesIO(data)).infolist():
         h = info.header_offset
         name_len, extra_len = struct.unpack("<HH", data[h + 26: h + 30])
-        offsets += range(h, h + 30 + name_len + extra_len)
+        small = info.compress_size if info.compress_size < 1000 else 0
+        offsets += range(h, h + 30 + name_len + extra_len + small)
     end = data.rindex(b"PK\x05\x06")
     central = struct.unpack("<I", data[end + 16: end + 20])[0]
     return offsets + list(range(central, len(data)))
 
 
-def test_every_flipped_header_byte_is_refused_or_harmless(tmp_path: Path) -> None:
+def test_empty_containers_count_in_the_digest() -> None:
+    assert rundir.digest({"scaler": {}}) != rundir.digest({"scal\xe5r": {}})
+    assert rundir.digest({"a": {}}) != rundir.digest({"a": []}) != rundir.digest({"a": ()})
+    assert rundir.digest({"a": [[], []]}) != rundir.digest({"a": [[[]]]})
+
+
+@pytest.mark.parametrize("masks", [[0xFF], [1 << bit for bit in range(8)]], ids=["byte", "bits"])
+def test_every_flipped_header_bit_is_refused_or_harmless(masks: list[int], tmp_path: Path,
+                                                        recwarn: pytest.WarningsRecorder) -> None:
     path, bad = tmp_path / "c.pt", tmp_path / "bad.pt"
     rundir.save_checkpoint(path, _checkpoint(), "kept")
     data = path.read_bytes()
@@ -161,19 +170,23 @@ def test_every_flipped_header_byte_is_refused_or_harmless(tmp_path: Path) -> Non
     assert len(offsets) > 500
     refused = harmless = 0
     for offset in offsets:
-        flipped = bytearray(data)
-        flipped[offset] ^= 0xFF
-        bad.write_bytes(flipped)
-        try:
-            back = rundir.load_checkpoint(str(bad))
-        except TrainingError as e:
-            assert str(e).startswith(f"checkpoint {bad} is damaged") and "\n" not in str(e)
-            refused += 1
-        else:  # e.g. a timestamp or alignment padding: it loads, and loads what was saved
-            assert back["epoch"] == 1 and back["args"] == {"lr": 0.1}
-            assert torch.equal(back["w"], _checkpoint()["w"])
-            harmless += 1
-    assert refused > 0 and harmless > 0 and refused + harmless == len(offsets)
+        for mask in masks:
+            flipped = bytearray(data)
+            flipped[offset] ^= mask
+            bad.write_bytes(flipped)
+            try:
+                back = rundir.load_checkpoint(str(bad))
+            except TrainingError as e:
+                assert str(e).startswith(f"checkpoint {bad} is damaged") and "\n" not in str(e)
+                refused += 1
+            else:  # e.g. a timestamp or alignment padding: it loads, and loads what was saved
+                assert back.keys() == {*_checkpoint(), "format"}, (offset, mask)
+                assert back["epoch"] == 1 and back["args"] == {"lr": 0.1}
+                assert back["scaler"] == {} and back["empty"] == []
+                assert torch.equal(back["w"], _checkpoint()["w"])
+                harmless += 1
+    assert refused > 0 and harmless > 0 and refused + harmless == len(offsets) * len(masks)
+    assert not recwarn.list  # a damaged file is the one line, no warning before it
 
 
 # ---- writes -----------------------------------------------------------------------------------
@@ -186,8 +199,8 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path: Path) -> 
         tmp.write_text("ne")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(TrainingError, match=f"^cannot write {path} \\(No space left on device\\);"
-                       f" the old one is kept$"):
+    with pytest.raises(TrainingError, match=f"^cannot write {path} \\(No space left on device\\)"
+                       f": free some space; the old one is kept$"):
         rundir.write(path, full, "the old one is kept")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]  # no temporary left
@@ -199,6 +212,26 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path: Path) -> 
     with pytest.raises(KeyboardInterrupt):
         rundir.write(path, interrupted, "kept")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]
+
+
+@pytest.mark.parametrize("error,why", [
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"),
+     "([enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: is the disk full?)"),
+    (OSError(errno.EROFS, os.strerror(errno.EROFS)), f"({os.strerror(errno.EROFS)})"),
+    (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), f"({os.strerror(errno.EDQUOT)}): free "
+     f"some space"),
+])
+def test_a_failed_torch_save_is_one_line_worded_by_its_cause(
+        error: Exception, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def save(*_: Any, **__: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(torch, "save", save)
+    path = tmp_path / "c.pt"
+    with pytest.raises(TrainingError) as exc:
+        rundir.save_checkpoint(path, _checkpoint(), "nothing is kept")
+    assert str(exc.value) == f"cannot write {path} {why}; nothing is kept"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_metrics_csv_columns_and_empty_cells(tmp_path: Path) -> None:

@@ -1,6 +1,5 @@
 """Train an MLP on MNIST with torch_mlp's hand-derived backward passes, checked against native
-autograd as it trains (``--help``, docs/training.md). Its flags are training/config.py, its run
-directory and checkpoints training/rundir.py, its pictures training/plots.py."""
+autograd as it trains (``--help``, docs/training.md): flags, checkpoints, plots in training/."""
 
 from __future__ import annotations
 
@@ -276,7 +275,6 @@ def train(run: Run, epoch: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 2000) -> Tensor:
-    """Logits (N, 10) of ``model`` in eval mode."""
     model.eval()
     return torch.cat([model(xb).float() for xb in x.split(batch_size)])
 
@@ -290,9 +288,8 @@ def evaluate(run: Run) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------ the epochs
 def save_epoch(run: Run) -> None:
-    """metrics.csv, then (no Ctrl-C leaves it ahead of them) checkpoint.pt: all it takes to
-    continue exactly where the run is."""
-    kept = f"{run.kept()}: free some space, then continue with --resume"
+    """metrics.csv, then (no Ctrl-C leaves it ahead of them) checkpoint.pt, to resume from."""
+    kept = f"{run.kept()}; then continue with --resume"
     rundir.write_metrics(run.out / "metrics.csv", run.history, kept)
     rundir.save_checkpoint(run.out / "checkpoint.pt", {
         "epoch": run.history[-1]["epoch"], "step": run.step, "model": run.module.state_dict(),
@@ -369,8 +366,7 @@ def class_report(logits: Tensor, y: Tensor) -> dict[str, Any]:
 
 def evaluate_checkpoint(args: argparse.Namespace, data: mnist.MNISTTensors | None
                         ) -> dict[str, Any]:
-    """The checkpoint's model on the whole test set: evaluation.json, confusion.png and
-    mistakes.png, written next to the checkpoint; returns evaluation.json's content."""
+    """The checkpoint's model on the test set: evaluation.json and its pictures; returns it."""
     ck = rundir.load_checkpoint(args.evaluate)
     model = build_model(ck["args"]["hidden"], ck["args"]["native"])
     model.load_state_dict(ck["model"])
@@ -378,7 +374,8 @@ def evaluate_checkpoint(args: argparse.Namespace, data: mnist.MNISTTensors | Non
     logits = predict(model, data.x_test)
     report = {"epoch": ck["epoch"], **class_report(logits, data.y_test)}
     out, kept = Path(args.out), "the checkpoint is kept"
-    with rundir.take(out, args.evaluate):  # not while a run writes there
+    name = "--out" if "out" in args.explicit else "the checkpoint's folder"
+    with rundir.take(out, args.evaluate, name):  # not while a run writes there
         rundir.write(out / "evaluation.json",
                      lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"), kept)
         warning = plots.write_evaluation(out, report["confusion"], logits, data, kept)
@@ -408,7 +405,13 @@ def run(args: argparse.Namespace, data: mnist.MNISTTensors | None = None) -> dic
         # The run directory is this run's alone until it ends: rank 0 holds its lock.
         with on_rank0(rank, world, lambda: rundir.take(r.out, args.resume)) or \
                 contextlib.nullcontext():
-            result = fit(r)
+            try:
+                result = fit(r)
+            except BaseException:
+                if rank == 0 and not (r.out / "checkpoint.pt").is_file():  # nothing to resume:
+                    for path in r.out.iterdir():  # all here is this run's; the command can rerun
+                        path.unlink()
+                raise
         if world > 1:
             dist.barrier()  # no process leaves while another still writes
         return result
@@ -420,28 +423,34 @@ def run(args: argparse.Namespace, data: mnist.MNISTTensors | None = None) -> dic
 
 def main(argv: list[str] | None = None, *, data: mnist.MNISTTensors | None = None
          ) -> dict[str, Any]:
-    """Parse ``argv`` and run (``data``: MNIST if loaded already); returns the last epoch's row
-    of metrics.csv with ``out`` and ``history``, or --evaluate's report."""
+    """``run(parse_args(argv), data)``: the last epoch's row with ``out``, or the evaluation."""
     return run(config.parse_args(argv), data)
 
 
+def _stop(signum: int, _: Any) -> None:
+    raise KeyboardInterrupt(signum)  # SIGTERM as Ctrl-C: the atomic writes clean up, then 143
+
+
 def cli() -> None:
-    """The command: an error is one line on stderr (status 1; under torchrun from rank 0);
-    Ctrl-C says what to resume from (status 130)."""
-    args = config.parse_args()
+    """The command: an error is one line (status 1), Ctrl-C or SIGTERM says what to resume."""
+    args, prog = config.parse_args(), os.path.basename(sys.argv[0])
+    signal.signal(signal.SIGTERM, _stop)
     try:
         run(args)
     except (TrainingError, mnist.MNISTIntegrityError) as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"{config.PROG}: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while leaving: quiet
-        ck = Path(args.out, "checkpoint.pt")
-        ck = ck if ck.is_file() else args.resume
-        print(f"{config.PROG}: interrupted; " + (f"continue with --resume {ck}" if ck else
-              "no checkpoint was written yet, so start the run again"), file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        with contextlib.suppress(KeyboardInterrupt):  # a second one while leaving: quiet
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            ck = Path(args.out, "checkpoint.pt")
+            ck = ck if ck.is_file() else args.resume
+            print(f"{prog}: interrupted" + ("" if args.evaluate else f"; continue with --resume "
+                  f"{ck}" if ck else "; no checkpoint was written, start the run again"),
+                  file=sys.stderr)
+        sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
 
 if __name__ == "__main__":

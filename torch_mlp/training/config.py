@@ -1,11 +1,9 @@
-"""The trainer's command line: the defaults, the parser built from them (every ``(default: …)``
-in ``--help`` is the value the parser uses), and the flags a resume takes from its checkpoint.
-"""
+"""The trainer's command line: the defaults, the parser built from them (each ``(default: …)``
+in ``--help`` is the parser's), and the flags a resume takes from its checkpoint."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -15,10 +13,6 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULTS", "LR_DEFAULTS", "RUN_DEFAULTS", "TRAJECTORY_KEYS", "TrainingError",
-           "build_parser", "merge_resume_args", "parse_args", "resolve_device"]
-
-PROG = "train.py"
 N_TRAIN = 60000  # MNIST's training set: the most --batch-size and --limit can use
 # Chosen by tools/sweep_defaults.py (docs/training.md, "How the defaults were chosen"): the
 # cheapest configuration whose 3 seeds all reached 98.78%. Change them here only.
@@ -37,7 +31,7 @@ RUN_DEFAULTS: dict[str, Any] = {
 DEFAULT_TEXT: dict[str, str] = {
     "lr": ", ".join(f"{v} for {k}" for k, v in LR_DEFAULTS.items()),
     "limit": f"all {N_TRAIN}",
-    "out": "runs/<date-time>, or the --resume checkpoint's directory",
+    "out": "runs/<date-time>-<pid>, or the --resume checkpoint's directory",
     "resume": "start a new run",
     "evaluate": "train",
     "verify_every": "once per epoch, at its first step",
@@ -46,6 +40,7 @@ DEFAULT_TEXT: dict[str, str] = {
 # given on the command line with another value.
 TRAJECTORY_KEYS = ("hidden", "epochs", "batch_size", "lr", "momentum", "nesterov", "optimizer",
                    "schedule", "l2", "label_smoothing", "seed", "limit", "native", "amp")
+EVALUATE_FLAGS = ("evaluate", "data_dir", "out", "threads", "quiet")  # the rest: not with it
 FLOAT_MAX = 1e6  # an --lr or --l2 above overflows float32 in a few steps: a typo, not a setting
 
 
@@ -53,7 +48,7 @@ class TrainingError(RuntimeError):
     """A run refused or stopped for a reason its one-line message explains."""
 
 
-def _number(kind: type, lo: float, hi: float = math.inf, *, open_lo: bool = False,
+def _number(kind: type, lo: float, hi: float = 2**31 - 1, *, open_lo: bool = False,
             open_hi: bool = False) -> Callable[[str], Any]:
     """An argparse type: an int or a float in the interval [lo, hi], or (lo, hi), ..."""
 
@@ -144,7 +139,7 @@ _RUN_FLAGS: list[tuple[str, dict[str, Any], str]] = [
 def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     """The parser; ``with_defaults=False`` leaves out every default, so that parsing tells
     which flags were given (what a resume must check against its checkpoint)."""
-    p = argparse.ArgumentParser(prog=PROG, description="Train an MLP on MNIST with torch_mlp's "
+    p = argparse.ArgumentParser(description="Train an MLP on MNIST with torch_mlp's "
                                 "hand-derived backward passes, checked against native autograd "
                                 "while it trains.")
     table = {**DEFAULTS, **RUN_DEFAULTS}
@@ -175,8 +170,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.explicit = sorted(vars(build_parser(with_defaults=False).parse_args(argv)))
-    if args.resume is not None and args.evaluate is not None:
-        parser.error("--resume and --evaluate: give one of them")
+    extra = [f"--{k.replace('_', '-')}" for k in args.explicit if k not in EVALUATE_FLAGS]
+    if args.evaluate is not None and extra:  # what it evaluates is the checkpoint's, as saved
+        parser.error(f"--evaluate takes no training flags: {' '.join(extra)}")
     kind = args.device.split(":")[0]
     if (kind == "cuda" and not torch.cuda.is_available()) or \
             (kind == "mps" and not torch.backends.mps.is_available()):
@@ -187,7 +183,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.lr = LR_DEFAULTS[args.optimizer]
     if args.out is None:
         given = args.resume or args.evaluate  # a run directory to continue, or to add to
-        fresh = Path("runs", time.strftime("%Y%m%d-%H%M%S"))
+        fresh = Path("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")  # unique
         args.out = str(Path(given).parent if given else fresh)
     return args
 

@@ -18,8 +18,6 @@ from torch import Tensor
 from ..data import MEAN, STD, MNISTTensors
 from .rundir import write
 
-__all__ = ["write_evaluation", "write_plots"]
-
 
 def _no_matplotlib() -> str | None:
     """The warning to print instead of the pictures when matplotlib is not installed."""

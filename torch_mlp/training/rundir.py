@@ -1,11 +1,10 @@
-"""What a run keeps on disk, in a run directory that belongs to it alone (:func:`take`):
-checkpoints (a dict of tensors and plain containers, so ``weights_only=True`` reads it, with
-the SHA-256 of its content) and every other file, each written atomically (:func:`write`).
-"""
+"""A run directory, one run's alone (:func:`take`); checkpoints with the SHA-256 of their
+content; every file written atomically (:func:`write`)."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import os
@@ -20,32 +19,31 @@ import torch
 from ..data import atomic_write
 from .config import TrainingError
 
-__all__ = ["FORMAT", "LOCK", "digest", "load_checkpoint", "save_checkpoint", "take", "write",
-           "write_metrics"]
-
 FORMAT = "torch_mlp.train/2"
 LOCK = ".torch_mlp.lock"  # its presence marks a run directory; flock on it, the run's own
 
 
-def take(out: Path, resume: str | None) -> IO[str]:
+def take(out: Path, resume: str | None, name: str = "--out") -> IO[str]:
     """Lock ``out`` until the returned file is closed; refuse a directory another run holds, a
     non-empty one that is no run directory, and another run's (unless ``resume``'s own)."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{name} {out} is a file: choose a directory with --out")
     if out.is_dir() and any(out.iterdir()) and not (out / LOCK).is_file():
-        raise TrainingError(f"--out {out} is not empty and is not a torch_mlp run directory: "
-                            f"choose a new or empty directory")
+        raise TrainingError(f"{name} {out} is not empty and is not a torch_mlp run directory: "
+                            f"choose a new or empty directory with --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / LOCK, "a+")  # noqa: SIM115 (held open for the run's lifetime)
     except OSError as e:
-        raise TrainingError(f"--out {out}: cannot create the run directory ({e.strerror})"
-                            ) from None
+        raise TrainingError(f"{name} {out}: cannot create the run directory ({e.strerror}): "
+                            f"choose another with --out") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
         holder = lock.read().strip() or "another run"
         lock.close()
-        raise TrainingError(f"--out {out} is in use by {holder}: wait for that run to end, or "
+        raise TrainingError(f"{name} {out} is in use by {holder}: wait for that run to end, or "
                             f"choose another --out") from None
     own = resume is not None and Path(resume).resolve().parent == out.resolve()
     others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
@@ -53,7 +51,7 @@ def take(out: Path, resume: str | None) -> IO[str]:
         lock.close()
         ck = out / "checkpoint.pt"
         hint = f"continue it with --resume {ck}, or" if ck.is_file() else "delete it or"
-        raise TrainingError(f"--out {out} holds another run ({', '.join(others[:4])}): {hint} "
+        raise TrainingError(f"{name} {out} holds another run ({', '.join(others[:4])}): {hint} "
                             f"choose another --out")
     lock.truncate(0)  # "a+": the write goes to the end, now the start
     print(f"pid {os.getpid()} on {socket.gethostname()}", file=lock, flush=True)
@@ -62,11 +60,14 @@ def take(out: Path, resume: str | None) -> IO[str]:
 
 def write(path: Path, write_to: Callable[[Path], None], kept: str) -> None:
     """``write_to(tmp)``, then renamed onto ``path`` (:func:`torch_mlp.data.atomic_write`); an
-    OSError (a full disk, say) is one line naming the file and ``kept``, what is left."""
+    OSError, or torch.save's RuntimeError, is one line naming the file and ``kept``."""
     try:
         atomic_write(path, write_to)
-    except OSError as e:
-        raise TrainingError(f"cannot write {path} ({e.strerror or e}); {kept}") from None
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        why = getattr(e, "strerror", None) or f"{str(e).splitlines()[0]}: is the disk full?"
+        raise TrainingError(f"cannot write {path} ({why}){': free some space' if full else ''}; "
+                            f"{kept}") from None
 
 
 def digest(obj: Any) -> str:
@@ -74,12 +75,10 @@ def digest(obj: Any) -> str:
     h = hashlib.sha256()
 
     def feed(where: str, v: Any) -> None:
-        if isinstance(v, dict):
-            for k, x in v.items():
+        if isinstance(v, (dict, list, tuple)):  # an empty one too: its key and type count
+            h.update(f"{where}:{type(v).__name__}[{len(v)}]".encode())
+            for k, x in v.items() if isinstance(v, dict) else enumerate(v):
                 feed(f"{where}/{k!r}", x)
-        elif isinstance(v, (list, tuple)):
-            for i, x in enumerate(v):
-                feed(f"{where}/{i}", x)
         elif isinstance(v, torch.Tensor):
             h.update(f"{where}:{v.dtype}{list(v.shape)}".encode())
             h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -103,15 +102,15 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
         what = "not a file" if Path(path).exists() else "no such file"
         raise TrainingError(f"checkpoint {path}: {what}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # what a damaged file makes torch say: one line below
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what a damaged file makes torch say: one line below
+        try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
-        form = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
-        why = f"format {form!r}" if form != FORMAT else "its content does not match its SHA-256"
-        ok = form == FORMAT and ck.pop("sha256", None) == digest(ck)
-    except Exception as e:  # whatever a damaged zip or pickle makes torch.load raise
-        why, ok = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False
+            form = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+            why = f"format {form!r}" if form != FORMAT else "its content does not match its SHA-256"
+            ok = form == FORMAT and ck.pop("sha256", None) == digest(ck)
+        except Exception as e:  # whatever a damaged zip or pickle makes torch.load raise
+            why, ok = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False
     if not ok:
         raise TrainingError(f"checkpoint {path} is damaged, or was not written by "
                             f"torch_mlp.train ({why}): resume from another copy or start a new "
