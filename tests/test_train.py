@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -446,6 +447,46 @@ def test_python_m_torch_mlp_train_runs_the_same_trainer(data_dir: Path, tmp_path
                 cwd=tmp_path, module=True)
     assert proc.returncode == 0, proc.stderr
     assert "epoch  1/1" in proc.stdout and (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def _cli_stopped(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    try:
+        with pytest.raises(SystemExit) as exc:
+            T.cli()
+    finally:  # cli() ignores Ctrl-C and SIGTERM while it leaves: give this process them back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return exc.value.code
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stopped_before_the_first_checkpoint_leaves_nothing_to_refuse_a_rerun(
+        sig: int, status: int, data_dir: Path, mnist: MNISTTensors, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def stop(run: Any, epoch: int) -> None:
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the signal arrives first
+
+    out, argv = tmp_path / "run", ["--out", str(tmp_path / "run"), "--data-dir", str(data_dir)]
+    with monkeypatch.context() as m:
+        m.setattr(T, "train", stop)
+        assert _cli_stopped([*argv, *FAST], m) == status
+    assert capsys.readouterr().err == ("train.py: interrupted; no checkpoint was written, start "
+                                       "the run again\n")
+    assert list(out.iterdir()) == []  # config.json and the lock gone: the same command runs
+    assert T.main([*argv, *FAST], data=mnist)["epoch"] == 2
+
+
+def test_ctrl_c_during_evaluate_has_nothing_to_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "evaluate_checkpoint", stop)
+    assert _cli_stopped(["--evaluate", str(tmp_path / "run" / "checkpoint.pt")], monkeypatch) == 130
+    assert capsys.readouterr().err == "train.py: interrupted\n"
 
 
 @pytest.mark.slow

@@ -103,3 +103,31 @@ def test_evaluate_refuses_in_one_line(finished: dict[str, Any], data_dir: Path,
         T.main(["--evaluate", str(tmp_path / "bad.pt"), "--data-dir", str(data_dir)], data=mnist)
     with pytest.raises(SystemExit):
         T.main(["--evaluate", str(ck), "--resume", str(ck)])
+
+
+@pytest.mark.parametrize("flags", [["--hidden", "999"], ["--epochs", "50", "--amp"],
+                                   ["--native"], ["--compile"], ["--resume", "x.pt"]])
+def test_evaluate_refuses_training_flags(flags: list[str], capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    with pytest.raises(SystemExit) as exc:
+        T.main(["--evaluate", "ck.pt", *flags])
+    given = " ".join(sorted(f for f in flags if f.startswith("--")))
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: --evaluate takes no training flags: "
+                                            f"{given}\n")
+
+
+def test_a_checkpoint_outside_a_run_directory_does_not_blame_out(
+        finished: dict[str, Any], data_dir: Path, mnist: MNISTTensors, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "notes.txt").write_text("mine")
+    (models / "mnist.pt").write_bytes((Path(finished["out"]) / "checkpoint.pt").read_bytes())
+    with pytest.raises(TrainingError, match=f"^the checkpoint's folder {models} is not empty "
+                       f"and is not a torch_mlp run directory: choose a new or empty directory "
+                       f"with --out$"):
+        T.main(["--evaluate", str(models / "mnist.pt"), "--data-dir", str(data_dir)], data=mnist)
+    report = T.main(["--evaluate", str(models / "mnist.pt"), "--data-dir", str(data_dir),
+                     "--out", str(tmp_path / "ev"), "--quiet"], data=mnist)
+    assert (tmp_path / "ev" / "evaluation.json").is_file() and report["epoch"] >= 1
+    assert sorted(p.name for p in models.iterdir()) == ["mnist.pt", "notes.txt"]

@@ -72,3 +72,13 @@ def test_resume_takes_the_checkpoints_flags_unless_given_otherwise() -> None:
     with pytest.raises(C.TrainingError, match=r"^checkpoint c\.pt is from a run with other "
                        r"settings: --hidden 8 \(checkpoint: 8 4\)\. --resume continues"):
         C.merge_resume_args(C.parse_args(["--hidden", "8"]), saved, "c.pt")
+
+
+def test_default_out_differs_between_runs_started_in_the_same_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(C.time, "strftime", lambda _: "20260101-120000")
+    outs = []
+    for pid in (4001, 4002):  # two processes, one clock reading
+        monkeypatch.setattr(C.os, "getpid", lambda pid=pid: pid)
+        outs.append(C.parse_args([]).out)
+    assert outs[0] != outs[1] and all(o.startswith("runs/20260101-120000") for o in outs)
