@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""``python train.py [--help]`` in a checkout: the trainer of torch_mlp/train.py."""
+"""``python train.py [--help]`` in a checkout: the trainer, torch_mlp/training."""
 
-from torch_mlp.train import cli, main  # noqa: F401  (main: train.main(argv) in a script)
+from torch_mlp.training import cli, main  # noqa: F401  (main: train.main(argv) in a script)
 
 if __name__ == "__main__":
     cli()

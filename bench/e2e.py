@@ -2,13 +2,13 @@
 against a conventional pytorch/examples-style loop (a DataLoader over
 ``torchvision.datasets.MNIST`` with ``ToTensor``/``Normalize``, batch 64, the same MLP).
 
-train.py's epochs run in this process through ``torch_mlp.train.main`` (its ``train_seconds``: the
-training loop alone, without the evaluation), interleaved custom, native, custom, native, ...
-with ``--verify-every 0`` (the gradient check against a native twin is a feature of the run,
-not of the step). The DataLoader loop is far slower, so it is timed over ``batches`` batches and
-scaled to a whole epoch (60000 images), once after each custom/native pair: each of its times
-has a train.py epoch as its neighbour in time (the VM's speed drifts over minutes), and the
-speedup is the median over those neighbours.
+train.py's epochs run in this process through ``torch_mlp.training.main`` (its
+``train_seconds``: the training loop alone, without the evaluation), interleaved custom, native,
+custom, native, ... with ``--verify-every 0`` (the gradient check against a native twin is a
+feature of the run, not of the step). The DataLoader loop is far slower, so it is timed over
+``batches`` batches and scaled to a whole epoch (60000 images), once after each custom/native
+pair: each of its times has a train.py epoch as its neighbour in time (the VM's speed drifts
+over minutes), and the speedup is the median over those neighbours.
 
 The training part of an epoch is also set against its roofline: the FLOPs of the GEMMs an
 epoch runs (per layer the forward product, dL/dweight and, above the first layer, dL/dinput;
@@ -169,7 +169,7 @@ def step_budget(train: Any, data: Any, sizes: list[int], batch: int, device: str
 
 
 def run(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
-    import torch_mlp.train as train
+    import torch_mlp.training as train
     from torch_mlp.data import load_mnist
 
     data_dir = os.path.join(ROOT, "data")

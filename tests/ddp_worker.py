@@ -19,6 +19,6 @@ def run(rank: int, world_size: int, port: int, argv: list[str], data: Any) -> No
     # What torchrun would set; the trainer's own code then joins the group (gloo on CPU).
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from torch_mlp.train import main
+    from torch_mlp.training import main
 
     main([*argv, "--threads", "1"], data=data)

@@ -20,7 +20,7 @@ import torch
 from ddp_worker import free_port
 from mnist_fixture import mnist_root
 
-import torch_mlp.train as T
+import torch_mlp.training as T
 from torch_mlp.data import MNISTTensors, load_mnist
 from torch_mlp.functions import L2PenaltyFunction, SoftmaxCrossEntropyFunction
 from torch_mlp.training import rundir

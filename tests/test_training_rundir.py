@@ -18,7 +18,7 @@ import pytest
 import torch
 from mnist_fixture import mnist_root
 
-import torch_mlp.train as T
+import torch_mlp.training as T
 from torch_mlp.data import load_mnist
 from torch_mlp.training import rundir
 from torch_mlp.training.config import TrainingError
