@@ -239,3 +239,23 @@ def test_metrics_csv_columns_and_empty_cells(tmp_path: Path) -> None:
     rundir.write_metrics(tmp_path / "m.csv", history, "kept")
     assert (tmp_path / "m.csv").read_text().splitlines() == [
         "epoch,loss,verify_ours_err_w", "1,0.5,", "2,0.25,1e-07"]
+
+
+class _Payload:
+    def __reduce__(self):  # what an unsafe pickle does when loaded: run code
+        return (Path.touch, (Path(os.environ["PAYLOAD_MARK"]),))
+
+
+@pytest.mark.parametrize("content", ["payload", "module"])
+def test_an_unsafe_pickle_is_refused_unread_without_advice_to_load_it_unsafely(
+        content, tmp_path, monkeypatch):
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("PAYLOAD_MARK", str(mark))
+    bad = tmp_path / "x.pt"
+    torch.save({"a": _Payload()} if content == "payload" else torch.nn.Linear(2, 2), bad)
+    with pytest.raises(TrainingError) as info:
+        rundir.load_checkpoint(str(bad))
+    msg = str(info.value)
+    assert msg.startswith(f"checkpoint {bad} is damaged") and "\n" not in msg
+    assert "weights_only" not in msg and "\x1b" not in msg
+    assert not mark.exists()

@@ -110,11 +110,11 @@ def load_checkpoint(path: str) -> dict[str, Any]:
             why = f"format {form!r}" if form != FORMAT else "its content does not match its SHA-256"
             ok = form == FORMAT and ck.pop("sha256", None) == digest(ck)
         except Exception as e:  # whatever a damaged zip or pickle makes torch.load raise
-            why, ok = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", False
+            first = str(e).split(". ")[0].splitlines()[:1]  # not torch's advice to load unsafely
+            why, ok = ": ".join([type(e).__name__, *first]), False
     if not ok:
-        raise TrainingError(f"checkpoint {path} is damaged, or was not written by "
-                            f"torch_mlp.train ({why}): resume from another copy or start a new "
-                            f"run")
+        raise TrainingError(f"checkpoint {path} is damaged, or not one this torch_mlp.train "
+                            f"writes ({why}): use another copy, or start a new run")
     return ck
 
 
