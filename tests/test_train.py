@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 import torch
 from ddp_worker import free_port
-from mnist_fixture import mnist_root
 
 import torch_mlp.training as T
-from torch_mlp.data import MNISTTensors, load_mnist
+from torch_mlp.data import MNISTTensors
 from torch_mlp.functions import L2PenaltyFunction, SoftmaxCrossEntropyFunction
 from torch_mlp.training import rundir
 from torch_mlp.training.config import TrainingError
@@ -34,16 +33,6 @@ FAST = ["--hidden", "32", "--limit", "1000", "--batch-size", "100", "--epochs", 
         "--threads", "1", "--lr", "0.2"]
 OUTPUTS = [".torch_mlp.lock", "checkpoint.pt", "config.json", "curves.png", "metrics.csv",
            "verify.png", "weights.png"]
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return mnist_root(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def mnist(data_dir: Path) -> MNISTTensors:
-    return load_mnist(data_dir)
 
 
 @pytest.fixture

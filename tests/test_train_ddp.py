@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_worker import free_port
-from mnist_fixture import mnist_root
 
 import torch_mlp.training as T
 from torch_mlp.training import rundir
@@ -20,11 +19,6 @@ from torch_mlp.training import rundir
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--hidden", "16", "--batch-size", "100", "--epochs", "2", "--quiet", "--lr", "0.2"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return mnist_root(tmp_path_factory)
 
 
 def _torchrun(args: list[str], cwd: Path) -> tuple[int, list[str]]:

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from mnist_fixture import mnist_root
 
 import torch_mlp.training as T
-from torch_mlp.data import MNISTTensors, load_mnist
+from torch_mlp.data import MNISTTensors
 from torch_mlp.training import rundir
 from torch_mlp.training.config import TrainingError
 
@@ -31,16 +30,6 @@ def test_class_report_against_a_hand_computation() -> None:
     assert report["precision"] == [2 / 4, 1 / 2, None]
     assert report["recall"] == [2 / 3, 1 / 2, 0.0]
     assert T.class_report(logits[:5], y[:5])["recall"] == [2 / 3, 1 / 2, None]  # no class 2
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return mnist_root(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def mnist(data_dir: Path) -> MNISTTensors:
-    return load_mnist(data_dir)
 
 
 @pytest.fixture(scope="module")

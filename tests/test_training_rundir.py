@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from mnist_fixture import mnist_root
 
 import torch_mlp.training as T
 from torch_mlp.data import load_mnist
@@ -82,11 +81,6 @@ def test_another_runs_directory_is_refused_but_its_own_resume_is_not(tmp_path: P
     rundir.take(out, str(out / "checkpoint.pt")).close()
     (tmp_path / "empty").mkdir()
     rundir.take(tmp_path / "empty", None).close()  # an empty directory is fine
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return mnist_root(tmp_path_factory)
 
 
 def test_a_run_into_a_directory_in_use_writes_nothing(data_dir: Path, tmp_path: Path) -> None:
