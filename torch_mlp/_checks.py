@@ -99,11 +99,11 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
         raise ArgumentError("cross_entropy: the derivative with respect to weight is not "
                             "supported; pass weight.detach()")
     if target.is_floating_point():
-        return _prob_target(input, target, weight, ignore_index, label_smoothing)
+        return _prob_target(input, target, weight, C, ignore_index, label_smoothing)
     return input, _index_target(input, target, label_smoothing), weight, label_smoothing
 
 
-def _prob_target(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+def _prob_target(input: Tensor, target: Tensor, weight: Tensor | None, C: int, ignore_index: int,
                  label_smoothing: float) -> tuple[Tensor, Tensor, Tensor | None, float]:
     """Probability targets, promoted with the logits (and weight) to one dtype, as native's
     composite of elementwise ops computes in it."""
@@ -119,7 +119,6 @@ def _prob_target(input: Tensor, target: Tensor, weight: Tensor | None, ignore_in
     if dtype != input.dtype or dtype != target.dtype:
         if label_smoothing > 0 and target.dtype != dtype:
             # Native smooths the target in its own dtype, before it meets the logits.
-            C = input.shape[input.dim() > 1]
             target = target * (1 - label_smoothing) + label_smoothing / C
             label_smoothing = 0.0
         # Cast outside the Function: the cast's backward is autograd's, as in native.
