@@ -178,8 +178,8 @@ def test_verify_every_catches_a_wrong_backward(run, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     real = SoftmaxCrossEntropyFunction.backward
 
-    def no_mean(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
-        grad_z, *rest = real(ctx, g)
+    def no_mean(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        grad_z, *rest = real(ctx, *grads)
         return (grad_z * grad_z.shape[0], *rest)  # forgets the 1/N of the mean
 
     monkeypatch.setattr(SoftmaxCrossEntropyFunction, "backward", staticmethod(no_mean))

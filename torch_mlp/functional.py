@@ -123,7 +123,7 @@ def cross_entropy(
             t = target.movedim(1, -1).reshape(z.shape)
         else:
             t = target.reshape(-1)
-    loss = apply(_CROSS_ENTROPY, z, t, weight, ignore_index, reduction, label_smoothing)
+    loss = apply(_CROSS_ENTROPY, z, t, weight, ignore_index, reduction, label_smoothing)[0]
     if reduction != "none" or nd == 2:
         return loss
     return loss.reshape(input.shape[:1] + input.shape[2:] if nd > 2 else ())  # batch shape

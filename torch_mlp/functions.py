@@ -28,6 +28,7 @@ __all__ = [
 
 _threshold_backward = torch.ops.aten.threshold_backward.default  # the bound overload: less dispatch
 _nll_loss_nd = torch.ops.aten.nll_loss_nd.default  # F.nll_loss's kernel, without its checks
+_nll_loss = torch.ops.aten.nll_loss_forward.default  # the same for (M, C), with Σ w_{y_i}
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -181,72 +182,67 @@ class SoftmaxCrossEntropyFunction(Function):
     Every case is one target matrix Q (16): dL_i/dz_i = (Σ_c Q_ic) p_i − Q_i (17), times
     s_i = dL/dL_i (9). Index targets without a class weight (Q sums to 1 on every kept row)
     take a fast path, (7) or (18); class weights and probability targets build Q.
+
+    Returns (loss, log p, d), the wrapper only the loss: forward's intermediates that backward
+    reuses, as torch keeps them, as outputs. log p (M, C) is differentiable by (26), so double
+    backward reaches z through it; d is the mean's denominator (20) for index targets without
+    both a class weight and smoothing, else None.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(z: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                reduction: str, label_smoothing: float) -> Tensor:
+                reduction: str, label_smoothing: float
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
         logp = torch.log_softmax(z, dim=-1)  # (M, C), shifted log-sum-exp: stable at |z| ~ 1e4
-        if not target.is_floating_point() and (label_smoothing == 0 or weight is None):
-            if label_smoothing > 0:
-                # (19) with w = 1: −Σ_c Q_ic log p_ic is the pick of
-                # (1 − ε) log p_i + (ε/C) Σ_c log p_ic at y_i: nll_loss below takes it.
-                # mul_, not add_'s alpha: CPU casts alpha to float16, where ε/C = 1e-9 is 0,
-                # and 0 · (−inf) would be NaN where native's loss is inf.
-                logp = logp.mul(1 - label_smoothing).add_(
-                    logp.sum(-1, keepdim=True).mul_(label_smoothing / z.shape[-1]))
-            # L_i = −w_{y_i} log p_{i,y_i}, 0 on ignored rows: nll_loss's pick, in one kernel;
-            # the mean is over the rows not ignored (Σ w_{y_i} with a class weight), (20).
-            return _nll_loss_nd(logp, target, weight, _REDUCTION_ENUM[reduction], ignore_index)
-        return _general_loss(logp, target, weight, ignore_index, reduction, label_smoothing)
+        if target.is_floating_point() or (label_smoothing > 0 and weight is not None):
+            return _general_loss(logp, target, weight, ignore_index, reduction,
+                                 label_smoothing), logp, None
+        picked = logp
+        if label_smoothing > 0:
+            # (19) with w = 1: −Σ_c Q_ic log p_ic is the pick of
+            # (1 − ε) log p_i + (ε/C) Σ_c log p_ic at y_i: nll_loss below takes it.
+            # mul_, not add_'s alpha: CPU casts alpha to float16, where ε/C = 1e-9 is 0,
+            # and 0 · (−inf) would be NaN where native's loss is inf.
+            picked = logp.mul(1 - label_smoothing).add_(
+                logp.sum(-1, keepdim=True).mul_(label_smoothing / z.shape[-1]))
+        # L_i = −w_{y_i} log p_{i,y_i}, 0 on ignored rows: nll_loss's pick, in one kernel, and
+        # d: the rows not ignored (Σ w_{y_i} with a class weight), (20).
+        loss, d = _nll_loss(picked, target, weight, _REDUCTION_ENUM[reduction], ignore_index)
+        return loss, logp, d
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        z, target, weight, ignore_index, reduction, label_smoothing = inputs
-        # z is saved, not p: backward recomputes p from z, so double backward differentiates it.
-        ctx.save_for_backward(z, target, weight)
-        ctx.save_for_forward(z, target, weight)
+        _, target, weight, ignore_index, reduction, label_smoothing = inputs
+        _, logp, d = output
+        if d is not None:
+            ctx.mark_non_differentiable(d)
+        ctx.save_for_backward(logp, target, weight, d)
+        ctx.save_for_forward(logp, target, weight)
         ctx.ignore_index = ignore_index
         ctx.reduction = reduction
         ctx.label_smoothing = label_smoothing
-        # The derivation's case, smoothed or not; class weights and probabilities: general.
-        ctx.plain = weight is None and not target.is_floating_point()
         if not torch.compiler.is_compiling():  # jvp is not traced by torch.compile anyway
             # jvp then gets None, not zeros, for an input without a tangent: a tangent on the
             # class weight can be told apart from none, and refused.
             ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, g: Tensor | None):
-        if g is None or not (ctx.plain or any(ctx.needs_input_grad)):
-            return None, None, None, None, None, None
-        z, target, weight = ctx.saved_tensors
-        if not ctx.plain:
-            grad_z, grad_target = _general_grads(ctx, z, target, weight, g)
-            return grad_z, grad_target, None, None, None, None
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        # (M, 1) columns, so that each meets the (M, C) ones without another op.
-        y = target.unsqueeze(-1)
-        valid = y != ctx.ignore_index
-        if ctx.reduction == "mean":
-            g = g / valid.sum()  # (20): the mean over the rows not ignored
-        elif ctx.reduction == "none":
-            g = g.unsqueeze(-1)
-        s = torch.where(valid, g, 0)  # (9) s_i = dL/dL_i; exactly 0 on ignored rows, even if g/0
-        C, eps = z.shape[-1], ctx.label_smoothing
-        y = y.clamp(0, C - 1)  # ignored rows scatter s_i = 0 wherever they land
-        p = torch.softmax(z, dim=-1)  # (M, C)
-        if eps == 0:
-            # (7) s_i (p_i − onehot(y_i)): the one-hot part scattered into s_i p_i, never built.
-            grad_z = (p * s).scatter_add_(-1, y, -s)
-        else:
-            # (18) s_i (p_i − ε/C − (1 − ε) onehot(y_i)), the one-hot part scattered likewise;
-            # s_i p_i − s_i ε/C, not (p_i − ε/C) s_i: an infinite s_i gives NaN, as native's.
-            grad_z = (p * s).sub_(s * (eps / C)).scatter_add_(-1, y, -(1 - eps) * s)
-        return grad_z, None, None, None, None, None
+    def backward(ctx, g: Tensor | None, g_logp: Tensor | None, _):
+        logp, target, weight, d = ctx.saved_tensors
+        grad_z = grad_target = None
+        if g is not None and (weight is not None or target.is_floating_point()):
+            # class weights, probability targets: (17) with Q, and (21)
+            grad_z, grad_target = _general_grads(ctx, logp, target, weight, g)
+        elif g is not None and ctx.needs_input_grad[0]:
+            grad_z = _index_grad(ctx, logp, target, d, g)
+        if g_logp is not None and ctx.needs_input_grad[0]:
+            # (26) log p's own gradient; double backward comes here, through the log p that
+            # backward above used.
+            term = g_logp - logp.exp() * g_logp.sum(-1, keepdim=True)
+            grad_z = term if grad_z is None else grad_z + term
+        return grad_z, grad_target, None, None, None, None
 
     @staticmethod
     def jvp(ctx, z_t, target_t, weight_t, *_):
@@ -257,21 +253,45 @@ class SoftmaxCrossEntropyFunction(Function):
                 "cross_entropy: the derivative with respect to weight is not supported; pass a "
                 "weight without a tangent (forward-mode AD: torch.func.jvp, jacfwd, hessian)"
             )
-        z, target, weight = ctx.saved_tensors
-        M, eps = z.shape[0], ctx.label_smoothing
-        terms = _index_terms(target, weight, ctx.ignore_index, z.dtype)
-        logp = torch.log_softmax(z, dim=-1)
-        row_t = z.new_zeros(M)  # dL_i, (M,)
+        logp, target, weight = ctx.saved_tensors
+        M, eps = logp.shape[0], ctx.label_smoothing
+        terms = _index_terms(target, weight, ctx.ignore_index, logp.dtype)
+        row_t = logp.new_zeros(M)  # dL_i, (M,)
+        logp_t = torch.zeros_like(logp)  # not None: torch asserts on a None tangent of an output
         if z_t is not None:
-            q = _target_matrix(z, target, weight, eps, terms)  # Q, (M, C)
-            row_t = ((q.sum(-1, keepdim=True) * logp.exp() - q) * z_t).sum(-1)  # (24) with (17)
+            p = logp.exp()
+            q = _target_matrix(logp, target, weight, eps, terms)  # Q, (M, C)
+            row_t = ((q.sum(-1, keepdim=True) * p - q) * z_t).sum(-1)  # (24) with (17)
+            logp_t = z_t - (p * z_t).sum(-1, keepdim=True)  # (27)
         if target_t is not None and terms is None:
             row_t = row_t + (_dloss_dtarget(eps, logp, weight) * target_t).sum(-1)  # (24), (21)
         if terms is None:  # as native: probability targets, M = 0: tangent 0
-            return _reduce(row_t, max(M, 1), ctx.reduction)
+            return _reduce(row_t, max(M, 1), ctx.reduction), logp_t, None
         # Ignored rows have no tangent; the mean divides last, as native: 0 / 0 = NaN when every
         # row is ignored or M = 0.
-        return _reduce(torch.where(terms[0], row_t, 0), terms[2].sum(), ctx.reduction)  # (20)
+        loss_t = _reduce(torch.where(terms[0], row_t, 0), terms[2].sum(), ctx.reduction)  # (20)
+        return loss_t, logp_t, None
+
+
+def _index_grad(ctx, logp: Tensor, target: Tensor, d: Tensor, g: Tensor) -> Tensor:
+    """dL/dz for index targets without a class weight: s_i times (7), or (18) when smoothed."""
+    # (M, 1) columns, so that each meets the (M, C) ones without another op.
+    y = target.unsqueeze(-1)
+    valid = y != ctx.ignore_index
+    if ctx.reduction == "mean":
+        g = g / d  # (20): the mean over the rows not ignored
+    elif ctx.reduction == "none":
+        g = g.unsqueeze(-1)
+    s = torch.where(valid, g, 0)  # (9) s_i = dL/dL_i; exactly 0 on ignored rows, even if g/0
+    C, eps = logp.shape[-1], ctx.label_smoothing
+    y = y.clamp(0, C - 1)  # ignored rows scatter s_i = 0 wherever they land
+    p = logp.exp()  # (M, C)
+    if eps == 0:
+        # (7) s_i (p_i − onehot(y_i)): the one-hot part scattered into s_i p_i, never built.
+        return (p * s).scatter_add_(-1, y, -s)
+    # (18) s_i (p_i − ε/C − (1 − ε) onehot(y_i)), the one-hot part scattered likewise;
+    # s_i p_i − s_i ε/C, not (p_i − ε/C) s_i: an infinite s_i gives NaN, as native's.
+    return (p * s).sub_(s * (eps / C)).scatter_add_(-1, y, -(1 - eps) * s)
 
 
 # The general path: class weights, label smoothing, probability targets ---------------------
@@ -342,11 +362,11 @@ def _general_loss(logp: Tensor, target: Tensor, weight: Tensor | None, ignore_in
     return _reduce(loss, w_y.sum(), reduction)
 
 
-def _general_grads(ctx, z: Tensor, target: Tensor, weight: Tensor | None,
+def _general_grads(ctx, logp: Tensor, target: Tensor, weight: Tensor | None,
                    g: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """(dL/dz, dL/dtarget) = s_i times (17) and (21), each None where not needed."""
-    M, eps = z.shape[0], ctx.label_smoothing
-    terms = _index_terms(target, weight, ctx.ignore_index, z.dtype)
+    M, eps = logp.shape[0], ctx.label_smoothing
+    terms = _index_terms(target, weight, ctx.ignore_index, logp.dtype)
     if ctx.reduction == "none":
         s = g  # (9) s_i = dL/dL_i, (M,)
     elif ctx.reduction == "sum":
@@ -355,10 +375,9 @@ def _general_grads(ctx, z: Tensor, target: Tensor, weight: Tensor | None,
         s = (g / (M if terms is None else terms[2].sum())).expand(M)  # (20)
     if terms is not None:
         s = torch.where(terms[0], s, 0)  # exactly 0 on ignored rows, even where g/0 is inf
-    logp = torch.log_softmax(z, dim=-1)
     grad_z = grad_target = None
     if ctx.needs_input_grad[0]:
-        sq = _target_matrix(z, target, weight, eps, terms, s)  # s_i Q_i, (M, C)
+        sq = _target_matrix(logp, target, weight, eps, terms, s)  # s_i Q_i, (M, C)
         grad_z = sq.sum(-1, keepdim=True) * logp.exp() - sq  # (17), times s_i
     if ctx.needs_input_grad[1]:
         grad_target = s.unsqueeze(-1) * _dloss_dtarget(eps, logp, weight)  # (21), times s_i
