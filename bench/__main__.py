@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import e2e, memory, ops, roofline, split, step
-from .common import BATCH, HIDDEN, Settings, load, machine_info
+from .common import BATCH, HIDDEN, Settings, load, machine_info, steady_malloc
 
 SECTIONS = ("step", "split", "ops", "memory", "roofline", "e2e")
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -54,6 +54,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared "
                    "machine, use with --threads 1 (default: wall)")
+    p.add_argument("--malloc", choices=("steady", "default"), default="steady",
+                   help="steady: glibc keeps freed memory (no trim, no per-tensor mmap), so "
+                   "page faults do not blur the ratios; default: glibc as it comes "
+                   "(default: steady)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--output", "--out", dest="out", default=None, metavar="PATH",
                        help="results file (default: bench/results/latest.json, not tracked)")
@@ -73,6 +77,7 @@ def output_path(out: str | None, save_reference: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    allocator = steady_malloc() if args.malloc == "steady" else "default"
     if args.threads:
         torch.set_num_threads(args.threads)
     s = Settings.make(args.quick, args.device, clock=args.clock)
@@ -84,12 +89,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "min_time_s": s.min_time_s, "hidden": args.hidden, "batch": args.batch,
                      "split": args.split,
                      "sections": args.only, "compile": args.compile,
-                     "clock": args.clock},
+                     "clock": args.clock, "malloc": allocator},
     }
     m = results["machine"]
     print(f"# torch_mlp vs torch.nn — {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
           f"{m['threads']} threads, device {m['device']}"
-          + (f" ({m['gpu']})" if "gpu" in m else "") + f"; load {results['load_start']}",
+          + (f" ({m['gpu']})" if "gpu" in m else "") + f"; malloc {allocator}; "
+          f"load {results['load_start']}",
           flush=True)
     text = []
     if "step" in args.only:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import platform
@@ -220,6 +221,26 @@ def load() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def steady_malloc() -> str:
+    """Keep glibc's freed memory in the process (no trimming, no per-tensor mmap) for both
+    implementations alike; returns what the allocator does now, for the results.
+
+    With glibc's defaults a freed heap top above its (dynamic) trim threshold goes back to the
+    OS and the next step takes it back page by page: 0 to 250 page faults a step at H = 1024,
+    B = 128, from round to round, by which tensors happen to sit at the heap's top. That is up
+    to a tenth of a step, and belongs to neither implementation (docs/performance.md).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "default (not glibc)"
+    # M_TRIM_THRESHOLD (-1): trim only above 1 GiB free; M_MMAP_THRESHOLD (-3): its maximum.
+    if mallopt(-1, 1 << 30) != 1 or mallopt(-3, 32 << 20) != 1:  # ints: 1 GiB, 32 MiB
+        return "default (mallopt refused)"
+    return "glibc, no trim, mmap above 32 MiB"
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     bench_main.main(["--quick", "--hidden", "16", "--batch", "1", "4",
                      "--only", "step", "split", "ops", "memory", "roofline", "--split", "16x2",
-                     "--out", str(out)])
+                     "--malloc", "default", "--out", str(out)])  # leave pytest's malloc alone
     with open(out) as f:
         return json.load(f)
 
@@ -30,6 +32,17 @@ def test_machine_and_load(results: dict) -> None:
         assert key in m
     assert results["settings"]["quick"] is True
     assert len(results["load_start"]) == 3 and len(results["load_end"]) == 3
+
+
+def test_steady_malloc_is_recorded_and_set_in_its_own_process(results: dict) -> None:
+    assert results["settings"]["malloc"] == "default"
+    code = "from bench.common import steady_malloc; print(steady_malloc())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
+    if platform.libc_ver()[0] == "glibc":
+        assert out == "glibc, no trim, mmap above 32 MiB"
+    else:
+        assert out.startswith("default")
 
 
 def test_step_rows(results: dict) -> None:

@@ -56,9 +56,8 @@ def use_native(enabled: bool = True) -> Iterator[None]:
 # The variant of a Function that a call runs
 # --------------------------------------------------------------------------------------------
 # Why this exists: autograd.Function.apply binds the arguments to a setup_context-style forward
-# with inspect.signature on every call (cost: docs/performance.md), which a
-# ctx-first forward does not pay (pytorch/pytorch#189573). Delete the eager variant, and apply
-# becomes cls.apply in eager code, once torch fixes that.
+# with inspect.signature on every call (cost: docs/performance.md), which a ctx-first forward
+# does not pay (pytorch/pytorch#189573). Once torch fixes that, delete the eager variant.
 class Variants(NamedTuple):
     """The three forms of one hand-derived Function; the derivation is written once, in
     ``original``, and the other two inherit its backward (and, for eager, its jvp).

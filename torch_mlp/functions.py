@@ -27,8 +27,7 @@ __all__ = [
 ]
 
 _threshold_backward = torch.ops.aten.threshold_backward.default  # the bound overload: less dispatch
-_nll_loss_nd = torch.ops.aten.nll_loss_nd.default  # F.nll_loss's kernel, without its checks
-_nll_loss = torch.ops.aten.nll_loss_forward.default  # the same for (M, C), with Σ w_{y_i}
+_nll_loss = torch.ops.aten.nll_loss_forward.default  # F.nll_loss's kernel for (M, C), no checks
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -183,10 +182,9 @@ class SoftmaxCrossEntropyFunction(Function):
     s_i = dL/dL_i (9). Index targets without a class weight (Q sums to 1 on every kept row)
     take a fast path, (7) or (18); class weights and probability targets build Q.
 
-    Returns (loss, log p, d), the wrapper only the loss: forward's intermediates that backward
-    reuses, as torch keeps them, as outputs. log p (M, C) is differentiable by (26), so double
-    backward reaches z through it; d is the mean's denominator (20) for index targets without
-    both a class weight and smoothing, else None.
+    Returns (loss, log p, d); the wrapper keeps the loss. log p (M, C) and d, the mean's
+    denominator (20) (None where backward builds Q), are kept for backward as outputs, as torch
+    keeps intermediates; log p is differentiable by (26): double backward reaches z through it.
     """
 
     generate_vmap_rule = True
@@ -233,7 +231,6 @@ class SoftmaxCrossEntropyFunction(Function):
         logp, target, weight, d = ctx.saved_tensors
         grad_z = grad_target = None
         if g is not None and (weight is not None or target.is_floating_point()):
-            # class weights, probability targets: (17) with Q, and (21)
             grad_z, grad_target = _general_grads(ctx, logp, target, weight, g)
         elif g is not None and ctx.needs_input_grad[0]:
             grad_z = _index_grad(ctx, logp, target, d, g)
@@ -352,7 +349,7 @@ def _general_loss(logp: Tensor, target: Tensor, weight: Tensor | None, ignore_in
         return _reduce(loss, loss.shape[0], reduction)
     # (M,) −w_{y_i} log p_{i,y_i}, 0 on ignored rows: nll_loss's pick, which also refuses a
     # target of another dtype or out of range, and a weight of another dtype, as native does.
-    nll = _nll_loss_nd(logp, target, weight, _REDUCTION_ENUM["none"], ignore_index)
+    nll = _nll_loss(logp, target, weight, _REDUCTION_ENUM["none"], ignore_index)[0]
     valid, _, w_y = _index_terms(target, weight, ignore_index, logp.dtype)
     smooth = -(logp * weight).sum(-1)  # (M,) −Σ_c w_c log p_ic
     # (19), Q written out: ε/C scales the row's sum, as native's, not each entry of Q, where
