@@ -404,6 +404,21 @@ def test_cross_entropy_parity(name, dtype):
         assert (out == 0).all()
 
 
+@pytest.mark.parametrize("z_grad", [False, True])
+def test_cross_entropy_target_gradient_has_a_graph_only_through_the_logits(z_grad):
+    # dL/dt = −log p depends on z, not on t: with create_graph it carries a graph exactly
+    # when z requires grad, as native's does.
+    z = torch.randn(3, 4, dtype=torch.float64, requires_grad=z_grad)
+    t = torch.softmax(torch.randn(3, 4, dtype=torch.float64), -1).requires_grad_()
+    ours, native = (torch.autograd.grad(f(z, t), t, create_graph=True)[0]
+                    for f in (F.cross_entropy, TF.cross_entropy))
+    torch.testing.assert_close(ours, native)
+    assert ours.requires_grad == native.requires_grad == z_grad
+    if z_grad:
+        torch.testing.assert_close(torch.autograd.grad(ours.sum(), z)[0],
+                                   torch.autograd.grad(native.sum(), z)[0])
+
+
 def test_cross_entropy_mean_is_weighted_mean_over_kept_targets():
     # The native normaliser: Σ_i w_{y_i} L_i / Σ_i w_{y_i} over the non-ignored i.
     z = torch.randn(4, 3, dtype=torch.float64)

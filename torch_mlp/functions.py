@@ -229,6 +229,7 @@ class SoftmaxCrossEntropyFunction(Function):
     @staticmethod
     def backward(ctx, g: Tensor | None, g_logp: Tensor | None, _):
         logp, target, weight, d = ctx.saved_tensors
+        logp = logp if ctx.needs_input_grad[0] else logp.detach()  # its graph leads only to z
         grad_z = grad_target = None
         if g is not None and (weight is not None or target.is_floating_point()):
             grad_z, grad_target = _general_grads(ctx, logp, target, weight, g)
@@ -272,8 +273,7 @@ class SoftmaxCrossEntropyFunction(Function):
 
 def _index_grad(ctx, logp: Tensor, target: Tensor, d: Tensor, g: Tensor) -> Tensor:
     """dL/dz for index targets without a class weight: s_i times (7), or (18) when smoothed."""
-    # (M, 1) columns, so that each meets the (M, C) ones without another op.
-    y = target.unsqueeze(-1)
+    y = target.unsqueeze(-1)  # (M, 1) columns meet the (M, C) ones without another op
     valid = y != ctx.ignore_index
     if ctx.reduction == "mean":
         g = g / d  # (20): the mean over the rows not ignored
