@@ -82,7 +82,8 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
     if label_smoothing > 1.0:
         raise ArgumentError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     nd = input.dim()
-    if nd == 0 or input.shape[nd > 1] == 0:
+    C = input.shape[nd > 1] if nd else 0
+    if C == 0:
         raise ArgumentError(
             f"cross_entropy: expected input of shape (C), (N, C) or (N, C, d1, ...) with C ≥ 1 "
             f"classes, got {tuple(input.shape)}"
@@ -91,7 +92,6 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
         # cross_entropy is on autocast's float32 list: every low-precision floating argument
         # (logits, probability target, class weight) is upcast; float64 stays, as native.
         input, target, weight = (autocast_to(t, torch.float32) for t in (input, target, weight))
-    C = input.shape[nd > 1]
     if weight is not None and weight.shape != (C,):  # the general path would broadcast it
         raise ArgumentError(f"cross_entropy: expected weight of shape ({C},) (one per class), "
                             f"got {tuple(weight.shape)}")
@@ -133,6 +133,8 @@ def _index_target(input: Tensor, target: Tensor, label_smoothing: float) -> Tens
     if target.dtype == torch.uint8:  # native nll_loss also takes Byte class indices
         target = target.long()
     nd = input.dim()
+    if nd == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]:  # no Size built
+        return target
     expected = input.shape[:1] + input.shape[2:] if nd > 1 else torch.Size()
     if target.shape == expected:
         return target

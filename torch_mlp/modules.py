@@ -100,10 +100,7 @@ def _size(n: object) -> bool:
 
 
 TWINS: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Linear: Linear,
-    nn.ReLU: ReLU,
-    nn.CrossEntropyLoss: CrossEntropyLoss,
-}
+    nn.Linear: Linear, nn.ReLU: ReLU, nn.CrossEntropyLoss: CrossEntropyLoss}
 """torch.nn class → its twin: the table :func:`convert` reads."""
 
 
