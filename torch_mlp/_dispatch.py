@@ -24,9 +24,9 @@ transforms_active = torch._C._are_functorch_transforms_active
 _NATIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("torch_mlp_native", default=False)
 
 
-def native_enabled() -> bool:
-    """Whether the wrappers run the native torch ops (inside ``use_native()``)."""
-    return _NATIVE.get()
+# native_enabled(): whether the wrappers run the native torch ops (inside ``use_native()``).
+# The ContextVar's own get, so that a wrapper's check costs no Python call.
+native_enabled = _NATIVE.get
 
 
 @contextlib.contextmanager
@@ -109,7 +109,7 @@ def apply(fn: Variants, *args: Any) -> Any:
     (pytorch/pytorch#193279). Without ``fullgraph=True`` the error is a graph break, and the
     call then runs in eager mode, correctly.
     """
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_dynamo_compiling():
         return (fn.original if transforms_active() else fn.eager).apply(*args)
     if transforms_active():
         raise RuntimeError(

@@ -49,18 +49,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if native_enabled():
         return TF.linear(x, weight, bias)
     _checks.check_linear(x, weight, bias)
+    if weight.dim() == 1:  # as F.linear: a (D,) weight is one output feature, dropped
+        return linear(x, weight.unsqueeze(0), bias).squeeze(-1)
     cast = _checks.autocast_dtype(x)
     if cast is None:
-        return _linear(x, weight, bias)
+        return apply(_LINEAR, x, weight, bias)
     x, weight, bias = (_checks.autocast_to(t, cast) for t in (x, weight, bias))
     with torch.autocast(x.device.type, enabled=False):  # backward then sees the cast dtypes
-        return _linear(x, weight, bias)
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if weight.dim() == 1:  # as F.linear: a (D,) weight is one output feature, dropped
-        return apply(_LINEAR, x, weight.unsqueeze(0), bias).squeeze(-1)
-    return apply(_LINEAR, x, weight, bias)
+        return apply(_LINEAR, x, weight, bias)
 
 
 @torch.fx.wrap

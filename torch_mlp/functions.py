@@ -51,37 +51,6 @@ def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return u if bias is None else u + bias
 
 
-def _bias_shape(weight: Tensor, bias: Tensor | None) -> torch.Size | None:
-    """bias's shape where it is not (H,) but broadcast to the output (F.linear takes both)."""
-    if bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]):
-        return None
-    return bias.shape
-
-
-def _linear_grads(needs: tuple[bool, ...], x: Tensor | None, weight: Tensor | None,
-                  g: Tensor, bias_shape: torch.Size | None = None
-                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dL/dx, dL/dweight, dL/dbias) = (g · weight, gᵀ · x, Σ g), each None where not needed.
-    A bias broadcast to the output (``bias_shape``) gets g summed down to its shape.
-
-    Complex tensors take PyTorch's conjugate Wirtinger convention: g · conj(weight),
-    gᵀ · conj(x). conj() of a real tensor is the tensor itself (no copy).
-    """
-    grad_x = grad_weight = grad_bias = None
-    g2 = g if g.dim() == 2 else _rows(g)  # (M, H); a 2-D g as it is: two op calls fewer
-    if needs[0]:
-        grad_x = g2.mm(weight.conj())  # (10) g · weight, (M, D)
-        if g.dim() != 2:
-            grad_x = grad_x.reshape(*g.shape[:-1], weight.shape[1])  # (*, D)
-    if needs[1]:
-        x2 = x if x.dim() == 2 else _rows(x)  # (M, D)
-        grad_weight = g2.t().mm(x2.conj())  # (11) gᵀ · x, (H, D)
-    if needs[2]:
-        # (12) Σ g over all rows, (H); a broadcast bias: Σ g over the dims it was broadcast along
-        grad_bias = g2.sum(0) if bias_shape is None else g.sum_to_size(bias_shape)
-    return grad_x, grad_weight, grad_bias
-
-
 def _linear_tangent(x: Tensor, weight: Tensor, x_t: Tensor | None, weight_t: Tensor | None,
                     bias_t: Tensor | None) -> Tensor | None:
     """(22) du = dx · weightᵀ + x · dweightᵀ + dbias: forward mode of the same product rule."""
@@ -106,9 +75,7 @@ class LinearFunction(Function):
 
     generate_vmap_rule = True
 
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return _affine(x, weight, bias)
+    forward = staticmethod(_affine)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -117,12 +84,29 @@ class LinearFunction(Function):
         # Only what a requested gradient needs: x for dL/dweight, weight for dL/dx.
         ctx.save_for_backward(x if need[1] else None, weight if need[0] else None)
         ctx.save_for_forward(x, weight)
-        ctx.bias_shape = _bias_shape(weight, bias)
+        # bias's shape where it is not (H,) but broadcast to the output (F.linear takes both)
+        ctx.bias_shape = None if bias is None or bias.shape == weight.shape[:1] else bias.shape
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        # Each gradient only where needed. Complex tensors take PyTorch's conjugate Wirtinger
+        # convention: g · conj(weight), gᵀ · conj(x) (conj() of a real tensor is no copy).
         x, weight = ctx.saved_tensors
-        return _linear_grads(ctx.needs_input_grad, x, weight, g, ctx.bias_shape)
+        needs = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = None
+        g2 = g if g.dim() == 2 else _rows(g)  # (M, H); a 2-D g as it is: two op calls fewer
+        if needs[0]:
+            grad_x = g2.mm(weight.conj())  # (10) g · weight, (M, D)
+            if g.dim() != 2:
+                grad_x = grad_x.reshape(*g.shape[:-1], weight.shape[1])  # (*, D)
+        if needs[1]:
+            x2 = x if x.dim() == 2 else _rows(x)  # (M, D)
+            grad_weight = g2.t().mm(x2.conj())  # (11) gᵀ · x, (H, D)
+        if needs[2]:
+            # (12) Σ g over all rows, (H); a broadcast bias: Σ g down to its own shape
+            shape = ctx.bias_shape
+            grad_bias = g2.sum(0) if shape is None else g.sum_to_size(shape)
+        return grad_x, grad_weight, grad_bias
 
     @staticmethod
     def jvp(ctx, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None):
@@ -221,10 +205,9 @@ class SoftmaxCrossEntropyFunction(Function):
         ctx.ignore_index = ignore_index
         ctx.reduction = reduction
         ctx.label_smoothing = label_smoothing
-        if not torch.compiler.is_compiling():  # jvp is not traced by torch.compile anyway
-            # jvp then gets None, not zeros, for an input without a tangent: a tangent on the
-            # class weight can be told apart from none, and refused.
-            ctx.set_materialize_grads(False)
+        # jvp then gets None, not zeros, for an input without a tangent: a tangent on the
+        # class weight can be told apart from none, and refused.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, g: Tensor | None, g_logp: Tensor | None, _):
