@@ -751,6 +751,9 @@ BAD_INPUT = [
     ("linear-weight-1d-with-bias", lambda: F.linear(torch.randn(2, 4), torch.randn(4),
                                                     torch.randn(())),
      r"with a 2-D weight, got bias \(\) and weight \(4,\)"),
+    ("linear-weight-1d-with-bias-of-its-length",
+     lambda: F.linear(torch.randn(2, 4), torch.randn(4), torch.randn(4)),
+     r"output's shape \(2,\) with a 2-D weight, got bias \(4,\) and weight \(4,\)"),
     ("linear-weight-3d", lambda: F.linear(torch.randn(5, 3), torch.randn(2, 4, 3)),
      r"expected weight of shape \(out_features, in_features\).*got weight \(2, 4, 3\)"),
 ]

@@ -52,9 +52,9 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
             f"and input with at least 1 dimension, got weight {tuple(weight.shape)} and input "
             f"{tuple(x.shape)}"
         )
-    if bias is None or bias.shape == weight.shape[:1]:
+    if bias is None or (weight.dim() == 2 and bias.shape == weight.shape[:1]):
         return
-    out = (*x.shape[:-1], weight.shape[0])
+    out = (*x.shape[:-1], *weight.shape[:-1])
     try:  # F.linear also takes a bias that broadcasts to the output without enlarging it
         fits = weight.dim() == 2 and torch.broadcast_shapes(bias.shape, out) == out
     except RuntimeError:
