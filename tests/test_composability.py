@@ -496,6 +496,19 @@ def test_compile_around_a_torch_func_transform_is_refused(dynamo_reset):
     torch.testing.assert_close(torch.compile(g, backend="aot_eager")(x), g(x))
 
 
+def test_export_around_a_torch_func_transform_is_refused():
+    # torch.export without strict traces the Python itself, with the same fault: our message,
+    # not an assertion from inside torch's tracer.
+    class Grad(nn.Module):
+        def forward(self, x, w, b):
+            return grad(lambda w: F.linear(x, w, b).tanh().sum())(w)
+
+    args = (torch.randn(5, 3), torch.randn(4, 3), torch.randn(4))
+    with pytest.raises(RuntimeError, match=r"torch\.func transform inside torch\.compile or "
+                                           r"torch\.export"):
+        torch.export.export(Grad(), args, strict=False)
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Autocast and GradScaler
 # --------------------------------------------------------------------------------------------

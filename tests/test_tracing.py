@@ -102,6 +102,24 @@ def test_export_with_dynamic_batch_runs_batch_3_and_17() -> None:
         torch.testing.assert_close(ep.module()(x), model(x))
 
 
+def test_a_non_strict_export_trains_as_the_native_one() -> None:
+    # torch.export's default (strict=False) keeps the hand-derived backward: the exported
+    # module's parameters get native's gradients. (Strict export runs custom Functions without
+    # grad: docs/compatibility.md.)
+    torch.manual_seed(0)
+    model = torch_mlp.MLP(3, 4, 2)
+    native = torch_mlp.convert(copy.deepcopy(model), to_native=True)
+    x = torch.randn(5, 3)
+    grads = []
+    for m in (model, native):
+        program = torch.export.export(m, (x,), strict=False).module()
+        program(x).square().sum().backward()
+        grads.append({k: p.grad for k, p in program.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], msg=k)
+
+
 @pytest.mark.parametrize("module", [torch_mlp.Linear(3, 2), torch_mlp.ReLU(),
                                     torch_mlp.CrossEntropyLoss(), torch_mlp.MLP(3, 4, 2)],
                          ids=["Linear", "ReLU", "CrossEntropyLoss", "MLP"])

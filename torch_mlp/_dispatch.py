@@ -24,9 +24,9 @@ transforms_active = torch._C._are_functorch_transforms_active
 _NATIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("torch_mlp_native", default=False)
 
 
-# native_enabled(): whether the wrappers run the native torch ops (inside ``use_native()``).
-# The ContextVar's own get, so that a wrapper's check costs no Python call.
-native_enabled = _NATIVE.get
+def native_enabled() -> bool:
+    """Whether the wrappers run the native torch ops (inside ``use_native()``)."""
+    return _NATIVE.get()
 
 
 @contextlib.contextmanager
@@ -109,14 +109,14 @@ def apply(fn: Variants, *args: Any) -> Any:
     (pytorch/pytorch#193279). Without ``fullgraph=True`` the error is a graph break, and the
     call then runs in eager mode, correctly.
     """
-    if not torch.compiler.is_dynamo_compiling():
+    if not torch.compiler.is_compiling():  # True under torch.compile and torch.export
         return (fn.original if transforms_active() else fn.eager).apply(*args)
     if transforms_active():
         raise RuntimeError(
             "torch_mlp: a hand-derived Function under a torch.func transform inside "
-            "torch.compile is not supported (Dynamo mis-traces custom autograd.Functions "
-            "there and can return wrong gradients, pytorch/pytorch#193279); run the torch.func "
-            "transform uncompiled, or compile without fullgraph=True so that this call falls "
-            "back to eager"
+            "torch.compile or torch.export is not supported (Dynamo mis-traces custom "
+            "autograd.Functions there and can return wrong gradients, pytorch/pytorch#193279); "
+            "run the torch.func transform uncompiled, or compile without fullgraph=True so "
+            "that this call falls back to eager"
         )
     return fn.compiled.apply(*args)
