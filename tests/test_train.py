@@ -496,3 +496,11 @@ def test_double_ctrl_c_is_quiet(data_dir: Path, tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err == "train.py: interrupted; continue with --resume run/checkpoint.pt\n", err
+
+
+def test_a_directory_in_place_of_an_mnist_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").mkdir(parents=True)
+    args = T.config.build_parser().parse_args(["--data-dir", str(tmp_path), "--quiet"])
+    with pytest.raises(TrainingError, match=r"cannot read MNIST there \(Is a directory: "
+                                            r".*MNIST/raw/t10k-labels-idx1-ubyte\)"):
+        T.load_data(args, None, torch.device("cpu"))

@@ -109,8 +109,9 @@ def load_data(args: argparse.Namespace, data: mnist.MNISTTensors | None, device:
             on_rank0(rank, world, lambda: mnist.prepare_mnist(args.data_dir, log=not args.quiet))
             data = mnist.load_mnist(args.data_dir, device)
         except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
             raise TrainingError(f"--data-dir {args.data_dir}: cannot read MNIST there "
-                                f"({e.strerror or e})") from None
+                                f"({e.strerror or e}{where})") from None
     n = args.limit
     return mnist.MNISTTensors(data.x_train[:n].to(device), data.y_train[:n].to(device),
                               data.x_test.to(device), data.y_test.to(device))
