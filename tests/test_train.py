@@ -128,9 +128,14 @@ def test_resume_is_bit_identical(run, data_dir: Path, mnist: MNISTTensors, tmp_p
             run(out="resumed")
     ck_path = tmp_path / "resumed" / "checkpoint.pt"
     assert _load(ck_path)["epoch"] == 1
-    # Resumed with the checkpoint alone: its flags come from the checkpoint.
-    T.main(["--resume", str(ck_path), "--data-dir", str(data_dir), "--quiet", "--threads", "1"],
-           data=mnist)
+    # Resumed with the checkpoint alone, as the Ctrl-C message says: its flags come from the
+    # checkpoint, --threads 1 included, whatever this process was set to.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        T.main(["--resume", str(ck_path), "--data-dir", str(data_dir), "--quiet"], data=mnist)
+    finally:
+        torch.set_num_threads(threads)
     a, b = _load(tmp_path / "straight" / "checkpoint.pt"), _load(ck_path)
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
     for k in a["model"]:

@@ -64,14 +64,25 @@ def test_defaults_tables_cover_every_flag() -> None:
 
 
 def test_resume_takes_the_checkpoints_flags_unless_given_otherwise() -> None:
-    saved = {k: v for k, v in vars(C.parse_args(["--hidden", "8", "4", "--lr", "0.1"])).items()
-             if k in C.TRAJECTORY_KEYS}
+    saved = vars(C.parse_args(["--hidden", "8", "4", "--lr", "0.1"]))  # as a checkpoint keeps
     args = C.parse_args(["--resume", "c.pt", "--epochs", "13"])  # 13: the checkpoint's too
     C.merge_resume_args(args, saved, "c.pt")
     assert args.hidden == [8, 4] and args.lr == 0.1 and args.limit is None
     with pytest.raises(C.TrainingError, match=r"^checkpoint c\.pt is from a run with other "
                        r"settings: --hidden 8 \(checkpoint: 8 4\)\. --resume continues"):
         C.merge_resume_args(C.parse_args(["--hidden", "8"]), saved, "c.pt")
+
+
+def test_resume_keeps_the_checkpoints_threads_and_compile_unless_given() -> None:
+    # Another thread count sums in another order: a resume is bit-identical only with the
+    # run's own, so it is the default; one given on the command line is taken, as asked.
+    saved = vars(C.parse_args(["--threads", "1", "--compile"]))
+    args = C.parse_args(["--resume", "c.pt"])
+    C.merge_resume_args(args, saved, "c.pt")
+    assert args.threads == 1 and args.compile is True
+    args = C.parse_args(["--resume", "c.pt", "--threads", "2"])
+    C.merge_resume_args(args, saved, "c.pt")
+    assert args.threads == 2 and args.compile is True
 
 
 def test_default_out_differs_between_runs_started_in_the_same_second(

@@ -160,6 +160,8 @@ def setup(args: argparse.Namespace, data: mnist.MNISTTensors | None, rank: int, 
     ck = None if args.resume is None else rundir.load_checkpoint(args.resume)
     if ck is not None:
         config.merge_resume_args(args, ck["args"], args.resume)
+        if args.threads:  # the checkpoint's, unless given
+            torch.set_num_threads(args.threads)
     data = load_data(args, data, device, rank, world)
     images = images_per_epoch(args, len(data.y_train), world, ck)
     steps = math.ceil(images / args.batch_size)
