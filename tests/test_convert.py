@@ -428,6 +428,11 @@ def test_a_scripted_model_is_refused_and_left_unchanged():
     assert scripted.code == code
 
 
+def test_a_model_that_is_not_a_module_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"^convert: model must be an nn\.Module, got list$"):
+        torch_mlp.convert([nn.Linear(2, 3)])
+
+
 # --------------------------------------------------------------------------------------------
 # user code written for torch.nn
 # --------------------------------------------------------------------------------------------
@@ -552,8 +557,8 @@ def _encoder_layer() -> nn.Module:
 MODELS = {
     "torchvision.ops.MLP": (_torchvision_mlp, lambda: torch.randn(4, 6), []),
     "resnet18": (_resnet18, lambda: torch.randn(1, 3, 16, 16), []),
-    "TransformerEncoderLayer": (_encoder_layer, lambda: torch.randn(5, 2, 8),
-                                ["self_attn.out_proj"]),  # NonDynamicallyQuantizableLinear
+    # Its NonDynamicallyQuantizableLinear out_proj is left, without a warning (never called).
+    "TransformerEncoderLayer": (_encoder_layer, lambda: torch.randn(5, 2, 8), []),
 }
 
 
@@ -593,13 +598,27 @@ def test_a_module_whose_forward_is_patched_on_the_instance_is_left_with_a_warnin
     assert type(model[1]) is (nn.ReLU if to_native else torch_mlp.ReLU)  # the rest is swapped
 
 
+class _MyLinear(nn.Linear):
+    pass
+
+
 def test_many_modules_left_for_one_reason_give_one_warning_naming_some():
-    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
-    model = nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False)
+    model = nn.Sequential(*(nn.Sequential(_MyLinear(4, 4), nn.ReLU()) for _ in range(4)))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         torch_mlp.convert(model)
     (w,) = [str(r.message) for r in rec if "convert" in str(r.message)]
-    assert w.startswith("convert: left 4 NonDynamicallyQuantizableLinear modules "
-                        "(layers.0.self_attn.out_proj, layers.1.self_attn.out_proj, "
-                        "layers.2.self_attn.out_proj, ...) as they are")
+    assert w.startswith("convert: left 4 _MyLinear modules (0.0, 1.0, 2.0, ...) as they are")
+
+
+def test_attentions_out_proj_is_left_without_a_warning():
+    # MultiheadAttention never calls out_proj's forward (F.multi_head_attention_forward reads
+    # its weight): nothing there to swap, so nothing to warn about; the feed-forward is swapped.
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch_mlp.convert(model)
+    out_proj = model.layers[0].self_attn.out_proj
+    assert type(out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert type(model.layers[0].linear1) is torch_mlp.Linear

@@ -716,7 +716,10 @@ BAD_INPUT = [
     ("ce-prob-target-wrong-shape", lambda: F.cross_entropy(_z(), torch.rand(3, 5)),
      r"class-probability target must have the input's shape \(3, 4\), got \(3, 5\)"),
     ("ce-prob-target-flat", lambda: F.cross_entropy(_z(), torch.rand(3)),
-     r"class-probability target must have the input's shape \(3, 4\), got \(3,\)"),
+     r"class-probability target must have the input's shape \(3, 4\), got \(3,\) \(class "
+     r"indices are an integer tensor\)"),
+    ("ce-complex-target", lambda: F.cross_entropy(_z(), torch.rand(3, 4, dtype=torch.cfloat)),
+     r"^Expected floating point type for target with class probabilities, got torch\.complex64"),
     ("ce-kdim-target-wrong-shape",
      lambda: F.cross_entropy(torch.randn(2, 4, 3), torch.tensor([0, 1])),
      r"expected target of shape \(2, 3\) for input of shape \(2, 4, 3\), got \(2,\)"),
@@ -787,6 +790,27 @@ L2_BAD_INPUT = [
     ("not-a-tensor", lambda: F.l2_penalty([torch.ones(2), [1.0]], 0.1), TypeError,
      r"weights\[1\] must be a real floating-point tensor, got list"),
 ]
+
+
+@pytest.mark.parametrize("value", [None, "0.1", torch.tensor([0.1]),
+                                   torch.tensor(0.1, requires_grad=True)],
+                         ids=["None", "str", "1-d-tensor", "tensor-requiring-grad"])
+def test_cross_entropy_label_smoothing_of_another_type_is_a_type_error_as_native(value):
+    z, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError):
+        TF.cross_entropy(z, y, label_smoothing=value)
+    with pytest.raises(TypeError, match=r"^cross_entropy: label_smoothing must be a float, got "):
+        F.cross_entropy(z, y, label_smoothing=value)
+
+
+@pytest.mark.parametrize("value", [True, torch.tensor(0.2), torch.tensor(1)],
+                         ids=["bool", "0-dim-tensor", "0-dim-int-tensor"])
+def test_cross_entropy_label_smoothing_takes_what_native_takes(value):
+    z, y = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
+    ours, native = F.cross_entropy(z, y, label_smoothing=value), TF.cross_entropy(
+        z, y, label_smoothing=value)
+    torch.testing.assert_close(ours, native)
+    torch.testing.assert_close(torch.autograd.grad(ours, z)[0], torch.autograd.grad(native, z)[0])
 
 
 @pytest.mark.parametrize(("call", "exc", "match"), [case[1:] for case in L2_BAD_INPUT],

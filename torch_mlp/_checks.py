@@ -98,6 +98,9 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
     if weight is not None and weight.requires_grad:  # its gradient would be silently missing
         raise ArgumentError("cross_entropy: the derivative with respect to weight is not "
                             "supported; pass weight.detach()")
+    if target.is_complex():  # native's words
+        raise ArgumentError(f"Expected floating point type for target with class probabilities, "
+                            f"got {target.dtype}")
     if target.is_floating_point():
         return _prob_target(input, target, weight, C, ignore_index, label_smoothing)
     return input, _index_target(input, target, label_smoothing), weight, label_smoothing
@@ -112,7 +115,8 @@ def _prob_target(input: Tensor, target: Tensor, weight: Tensor | None, C: int, i
                             f"target, got ignore_index={ignore_index}")
     if target.shape != input.shape:
         raise ArgumentError(f"cross_entropy: a class-probability target must have the input's "
-                            f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
+                            f"shape {tuple(input.shape)}, got {tuple(target.shape)} (class "
+                            f"indices are an integer tensor)")
     dtype = torch.promote_types(input.dtype, target.dtype)
     if weight is not None:
         dtype = torch.promote_types(dtype, weight.dtype)

@@ -99,6 +99,9 @@ def _size(n: object) -> bool:
         return False
 
 
+# MultiheadAttention's out_proj, whose forward attention never calls: left without a warning.
+_MHA_OUT_PROJ = nn.modules.linear.NonDynamicallyQuantizableLinear
+
 TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear, nn.ReLU: ReLU, nn.CrossEntropyLoss: CrossEntropyLoss}
 """torch.nn class → its twin: the table :func:`convert` reads."""
@@ -115,9 +118,8 @@ def convert(model: nn.Module, *, to_native: bool = False, verbose: bool = False)
     (``type(m) is nn.Linear``): a subclass, e.g. ``nn.LazyLinear``, a parametrized Linear or
     your own, may behave differently and is left alone with a warning, and so is a module
     whose ``forward`` was replaced on the instance (it would go on calling the old class's).
-    ``to_native=True``
-    swaps the other way, twin → torch.nn, e.g. before ``torch.ao.quantization.quantize_dynamic``,
-    which swaps exact ``nn.Linear`` only.
+    ``to_native=True`` swaps the other way, twin → torch.nn, e.g. before
+    ``torch.ao.quantization.quantize_dynamic``, which swaps exact ``nn.Linear`` only.
 
     Modules are swapped, function calls are not: a forward that calls
     ``torch.nn.functional.relu`` itself (``nn.TransformerEncoderLayer`` with
@@ -128,6 +130,8 @@ def convert(model: nn.Module, *, to_native: bool = False, verbose: bool = False)
         to_native: swap torch_mlp → torch.nn instead.
         verbose: print one line per module swapped.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("convert: model is a torch.jit.ScriptModule, whose compiled code cannot "
                         "change; convert the eager model, then script it")
@@ -143,7 +147,8 @@ def convert(model: nn.Module, *, to_native: bool = False, verbose: bool = False)
             left.setdefault((cls.__qualname__, why), []).append(name or "the model")
         elif cls in table:
             swaps.append((name, module, table[cls]))
-        elif base is not None and (to_native or not isinstance(module, tuple(TWINS.values()))):
+        elif base is not None and cls is not _MHA_OUT_PROJ and (
+                to_native or not isinstance(module, tuple(TWINS.values()))):
             why = (f"a subclass of {_qualname(base)} whose forward may differ; only exact types "
                    f"are swapped")
             left.setdefault((cls.__qualname__, why), []).append(name or "the model")

@@ -41,8 +41,7 @@ DEFAULT_TEXT: dict[str, str] = {
 TRAJECTORY_KEYS = ("hidden", "epochs", "batch_size", "lr", "momentum", "nesterov", "optimizer",
                    "schedule", "l2", "label_smoothing", "seed", "limit", "native", "amp")
 # Flags that change how the numbers round, not what is trained: a resume takes them from the
-# checkpoint unless given (another thread count or --compile gives a resume that is not
-# bit-identical, so that takes asking for it).
+# checkpoint unless given (another value gives a resume that is not bit-identical).
 CARRIED_KEYS = ("threads", "compile")
 EVALUATE_FLAGS = ("evaluate", "data_dir", "out", "threads", "quiet")  # the rest: not with it
 FLOAT_MAX = 1e6  # an --lr or --l2 above overflows float32 in a few steps: a typo, not a setting
