@@ -67,9 +67,13 @@ def check_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         )
 
 
-def check_reduction(reduction: str) -> None:
-    if reduction not in ("none", "mean", "sum"):
-        raise ArgumentError(f"{reduction} is not a valid value for reduction")  # as native
+def as_float(value: object, name: str) -> float:
+    """``value`` as native's argument parser takes a float: a number, or a 0-dim tensor's."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
+        return value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"cross_entropy: {name} must be a float, got {type(value).__name__}")
+    return value
 
 
 def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
@@ -78,7 +82,8 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
     """Check ``cross_entropy``'s arguments; returns (input, target, weight, label_smoothing) as
     the Function takes them: upcast to float32 under autocast, Byte targets as int64, a (1,)
     target of an unbatched input as (), a probability target of another dtype promoted."""
-    check_reduction(reduction)
+    if reduction not in ("none", "mean", "sum"):
+        raise ArgumentError(f"{reduction} is not a valid value for reduction")  # as native
     if label_smoothing > 1.0:
         raise ArgumentError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     nd = input.dim()
@@ -98,9 +103,6 @@ def check_cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None,
     if weight is not None and weight.requires_grad:  # its gradient would be silently missing
         raise ArgumentError("cross_entropy: the derivative with respect to weight is not "
                             "supported; pass weight.detach()")
-    if target.is_complex():  # native's words
-        raise ArgumentError(f"Expected floating point type for target with class probabilities, "
-                            f"got {target.dtype}")
     if target.is_floating_point():
         return _prob_target(input, target, weight, C, ignore_index, label_smoothing)
     return input, _index_target(input, target, label_smoothing), weight, label_smoothing
@@ -139,6 +141,9 @@ def _index_target(input: Tensor, target: Tensor, label_smoothing: float) -> Tens
     nd = input.dim()
     if nd == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]:  # no Size built
         return target
+    if target.is_complex():  # native's words
+        raise ArgumentError(f"Expected floating point type for target with class probabilities, "
+                            f"got {target.dtype}")
     expected = input.shape[:1] + input.shape[2:] if nd > 1 else torch.Size()
     if target.shape == expected:
         return target

@@ -9,7 +9,6 @@ the native op does and runs its Function (:mod:`torch_mlp.functions`); inside
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -105,12 +104,8 @@ def cross_entropy(
                                 reduction, label_smoothing)
     if size_average is not None or reduce is not None:  # as torch: warns, then maps
         reduction = _checks.legacy_get_string(size_average, reduce)
-    if isinstance(label_smoothing, Tensor) and label_smoothing.dim() == 0 and \
-            not label_smoothing.requires_grad:  # as native's argument parser: its value
-        label_smoothing = label_smoothing.item()
-    if not isinstance(label_smoothing, numbers.Real):
-        raise TypeError(f"cross_entropy: label_smoothing must be a float, got "
-                        f"{type(label_smoothing).__name__}")
+    if type(label_smoothing) is not float:  # as native's argument parser: a number or a
+        label_smoothing = _checks.as_float(label_smoothing, "label_smoothing")  # 0-dim tensor
     if not label_smoothing > 0:  # as native: NaN or a negative value is no smoothing
         label_smoothing = 0.0
     input, target, weight, label_smoothing = _checks.check_cross_entropy(

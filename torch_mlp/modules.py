@@ -99,9 +99,6 @@ def _size(n: object) -> bool:
         return False
 
 
-# MultiheadAttention's out_proj, whose forward attention never calls: left without a warning.
-_MHA_OUT_PROJ = nn.modules.linear.NonDynamicallyQuantizableLinear
-
 TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear, nn.ReLU: ReLU, nn.CrossEntropyLoss: CrossEntropyLoss}
 """torch.nn class → its twin: the table :func:`convert` reads."""
@@ -147,8 +144,10 @@ def convert(model: nn.Module, *, to_native: bool = False, verbose: bool = False)
             left.setdefault((cls.__qualname__, why), []).append(name or "the model")
         elif cls in table:
             swaps.append((name, module, table[cls]))
-        elif base is not None and cls is not _MHA_OUT_PROJ and (
-                to_native or not isinstance(module, tuple(TWINS.values()))):
+        # A subclass is left with a warning, but not MultiheadAttention's out_proj (a
+        # NonDynamicallyQuantizableLinear): attention never calls its forward.
+        elif base is not None and cls is not nn.modules.linear.NonDynamicallyQuantizableLinear \
+                and (to_native or not isinstance(module, tuple(TWINS.values()))):
             why = (f"a subclass of {_qualname(base)} whose forward may differ; only exact types "
                    f"are swapped")
             left.setdefault((cls.__qualname__, why), []).append(name or "the model")
