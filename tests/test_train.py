@@ -177,6 +177,13 @@ def test_a_finished_run_resumed_writes_its_outputs_again(run, data_dir: Path, tm
                      "--quiet"], data=mnist)
     assert result["epoch"] == 2 and (out / "metrics.csv").read_text() == rows
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
+    # Into a new --out: the whole run directory, checkpoint.pt too, which resumes in turn.
+    new = tmp_path / "new"
+    T.main(["--resume", str(out / "checkpoint.pt"), "--data-dir", str(data_dir), "--quiet",
+            "--out", str(new)], data=mnist)
+    assert sorted(p.name for p in new.iterdir()) == OUTPUTS
+    assert (new / "metrics.csv").read_text() == rows
+    assert _load(new / "checkpoint.pt")["step"] == _load(out / "checkpoint.pt")["step"]
 
 
 def test_verify_every_catches_a_wrong_backward(run, tmp_path: Path,

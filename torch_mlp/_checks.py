@@ -18,7 +18,7 @@ from torch.nn import _reduction
 # size_average / reduce -> reduction, with torch.nn's deprecation warning.
 legacy_get_string = _reduction.legacy_get_string
 # One C call that says whether autocast is on anywhere: the common case skips building t.device.
-_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+_any_autocast_enabled = torch._C._is_any_autocast_enabled
 
 
 class ArgumentError(ValueError, RuntimeError):
@@ -27,14 +27,12 @@ class ArgumentError(ValueError, RuntimeError):
 
 def autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The autocast compute dtype for ``t``'s device type, or None when autocast is off."""
-    if _any_autocast_enabled is not None and not _any_autocast_enabled():
+    if not _any_autocast_enabled():
         return None
-    device_type = t.device.type
-    if device_type not in ("cpu", "cuda", "mps", "xpu") or not torch.is_autocast_enabled(
-        device_type
-    ):
+    device = t.device.type
+    if device not in ("cpu", "cuda", "mps", "xpu") or not torch.is_autocast_enabled(device):
         return None
-    return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_dtype(device)
 
 
 def autocast_to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:

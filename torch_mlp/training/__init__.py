@@ -340,10 +340,11 @@ def fit(run: Run) -> dict[str, Any]:
     for epoch in range(len(run.history) + 1, args.epochs + 1):
         t0 = time.perf_counter()
         end_epoch(run, train(run, epoch), t0)
-    # metrics.csv and the plots of the whole history, also on a resume of a finished run
+    # metrics.csv and the plots of the whole history, also on a resume of a finished run (and
+    # checkpoint.pt, where that resume writes to a new --out)
     kept = f"{run.kept()}; --resume it to write the outputs again"
-    on_rank0(run.rank, run.world, lambda: rundir.write_metrics(run.out / "metrics.csv",
-                                                               run.history, kept))
+    on_rank0(run.rank, run.world, lambda: rundir.write_metrics(run.out / "metrics.csv", run.history,
+             kept) if (run.out / "checkpoint.pt").is_file() else save_epoch(run))
     warning = on_rank0(run.rank, run.world, lambda: plots.write_plots(
         run.out, run.history, run.module[0].weight, kept))
     if warning:
