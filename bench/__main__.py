@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from . import e2e, memory, ops, roofline, split, step
+from . import e2e, floor, memory, ops, roofline, split, step
 from .common import BATCH, HIDDEN, Settings, load, machine_info, steady_malloc
 
-SECTIONS = ("step", "split", "ops", "memory", "roofline", "e2e")
+SECTIONS = ("step", "split", "floor", "ops", "memory", "roofline", "e2e")
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(BENCH_DIR, "results", "latest.json")  # in .gitignore
 REFERENCE_OUT = os.path.join(BENCH_DIR, "results.json")  # tracked: the documented run
@@ -49,6 +49,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--split", nargs="+", type=_shape, default=list(split.DEFAULT_SHAPES),
                    metavar="HxB", help="shapes of the split section (default: "
                    + " ".join(f"{h}x{b}" for h, b in split.DEFAULT_SHAPES) + ")")
+    p.add_argument("--floor", type=int, nargs="+", default=[1024, 1, 128], metavar="H B",
+                   help="the floor section's hidden size, then its batch sizes (default: 1024 "
+                   "1 128)")
+    p.add_argument("--floor-runs", type=int, default=6, metavar="N",
+                   help="the floor section's runs per step, alternating (default: 6)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -64,6 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     where.add_argument("--save-reference", action="store_true",
                        help="write the tracked reference bench/results.json (default: off)")
     args = p.parse_args(argv)
+    if len(args.floor) < 2 or min(args.floor) < 1 or args.floor_runs < 1:
+        p.error("--floor takes a hidden size and one or more batch sizes, all positive, and "
+                "--floor-runs a positive number of runs")
     args.out = output_path(args.out, args.save_reference)
     return args
 
@@ -87,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {"quick": args.quick, "warmup": s.warmup, "rounds": s.rounds,
                      "min_time_s": s.min_time_s, "hidden": args.hidden, "batch": args.batch,
-                     "split": args.split,
+                     "split": args.split, "floor": args.floor, "floor_runs": args.floor_runs,
                      "sections": args.only, "compile": args.compile,
                      "clock": args.clock, "malloc": allocator},
     }
@@ -113,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["split"] = split.run(s, args.split)
         text.append(("Where the time goes: each phase, with the model and the loss swapped "
                      "one at a time", split.render(results["split"])))
+    if "floor" in args.only:
+        print("## the floor: bare custom Functions beside torch_mlp", flush=True)
+        results["floor"] = floor.run(s, args.floor[0], args.floor[1:],
+                                     1 if args.quick else args.floor_runs)
+        text.append(("The floor: a step of bare custom Functions beside torch_mlp's, each "
+                     "against torch.nn", floor.render(results["floor"])))
     if "ops" in args.only:
         print("## per-op forward + backward", flush=True)
         results["ops"] = ops.run(s, args.quick)

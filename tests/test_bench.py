@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ sits beside tests/
 import bench.__main__ as bench_main
@@ -20,7 +21,8 @@ STEP_KEYS = {"H", "B", "custom_ms", "native_ms", "ratio", "ratio_min", "ratio_ma
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     bench_main.main(["--quick", "--hidden", "16", "--batch", "1", "4",
-                     "--only", "step", "split", "ops", "memory", "roofline", "--split", "16x2",
+                     "--only", "step", "split", "floor", "ops", "memory", "roofline",
+                     "--split", "16x2", "--floor", "16", "2",
                      "--malloc", "default", "--out", str(out)])  # leave pytest's malloc alone
     with open(out) as f:
         return json.load(f)
@@ -220,3 +222,39 @@ def test_e2e_pairs_each_loop_time_with_a_train_py_epoch() -> None:
     assert "| GEMMs alone |" in e2e.render(rows)
     assert 0 < train_row["step_gemm_pct_min"] <= train_row["step_gemm_pct"] <= train_row[
         "step_gemm_pct_max"]
+
+
+def test_floor_rows_pair_torch_mlp_and_bare_functions_with_native(results: dict) -> None:
+    rows = results["floor"]
+    assert [(r["H"], r["B"], r["step"]) for r in rows] == [(16, 2, "torch_mlp"),
+                                                           (16, 2, "bare Functions")]
+    for r in rows:
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and r["runs"] == 1
+
+
+def test_floor_bare_functions_compute_native_gradients() -> None:
+    # The floor is a fair one only if its Functions do the same work: native's loss and
+    # gradients, an ignored target included.
+    from bench import floor
+    from bench.common import make_models
+
+    _, native = make_models(8, torch.device("cpu"))
+    bare = floor.bare_model(native)
+    x = torch.randn(6, 784, dtype=torch.float32)
+    y = torch.tensor([3, -100, 0, 9, 9, 1])
+    losses = [lf(m(x), y) for m, lf in ((native, torch.nn.CrossEntropyLoss()),
+                                        (bare, floor._CrossEntropyLoss()))]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, p), q in zip(native.named_parameters(), bare.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+        assert p is not q
+
+
+@pytest.mark.parametrize("argv", [["--floor", "1024"], ["--floor", "1024", "0"],
+                                  ["--floor-runs", "0"]])
+def test_floor_options_are_checked(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench_main.parse_args(argv)
+    assert e.value.code == 2 and "--floor" in capsys.readouterr().err
