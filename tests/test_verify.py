@@ -297,6 +297,14 @@ def test_gradscaler_needs_the_optimizer() -> None:
         verify.Verifier(_converted(), scaler=torch.amp.GradScaler("cpu"))
 
 
+@pytest.mark.parametrize("kwargs", [{"rtol": -1.0}, {"rtol": float("nan")}, {"k": float("inf")},
+                                    {"k": "2"}, {"rtol": torch.tensor(1e-3)}])
+def test_a_bad_tolerance_is_refused_by_name_not_blamed_on_the_model(kwargs: dict) -> None:
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=f"^verify: {name} must be a finite number"):
+        verify.check(_converted(), lambda m: m(torch.ones(1, 20)).sum(), **kwargs)
+
+
 def _scaled_step(model: nn.Module, scaler: torch.amp.GradScaler) -> tuple[Tensor, Tensor, Tensor]:
     x, y = _batch()
     loss = _loss(model, x, y)

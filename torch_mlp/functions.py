@@ -212,7 +212,8 @@ class SoftmaxCrossEntropyFunction(Function):
     @staticmethod
     def backward(ctx, g: Tensor | None, g_logp: Tensor | None, _):
         logp, target, weight, d = ctx.saved_tensors
-        logp = logp if ctx.needs_input_grad[0] else logp.detach()  # its graph leads only to z
+        if not (ctx.needs_input_grad[0] or torch._C._are_functorch_transforms_active()):
+            logp = logp.detach()  # its graph leads only to z (under torch.func: an outer level's)
         grad_z = grad_target = None
         if g is not None and (weight is not None or target.is_floating_point()):
             grad_z, grad_target = _general_grads(ctx, logp, target, weight, g)

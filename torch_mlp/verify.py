@@ -152,6 +152,9 @@ class Verifier:
         if scaler is not None and optimizer is None:
             raise ValueError("verify: scaler needs optimizer, to unscale the gradients with "
                              "scaler.unscale_(optimizer) before comparing them")
+        for name, value in (("rtol", 0.0 if rtol is None else rtol), ("k", k)):
+            if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"verify: {name} must be a finite number ≥ 0, got {value!r}")
         self.model, self.scaler, self.optimizer = model, scaler, optimizer
         self.autocast, self.rtol, self.k = autocast, rtol, k
         self.raise_on_failure = raise_on_failure

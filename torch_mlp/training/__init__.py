@@ -275,7 +275,7 @@ def train(run: Run, epoch: int) -> dict[str, Any]:
             "samples_per_s": seen / seconds, **checks}
 
 
-# ------------------------------------------------------------------------------ evaluation
+# ------------------------------------------------------------------- evaluation, then the epochs
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 2000) -> Tensor:
     model.eval()
@@ -289,7 +289,6 @@ def evaluate(run: Run) -> tuple[float, float]:
     return loss, (logits.argmax(-1) == run.data.y_test).sum().item() / len(logits)
 
 
-# ------------------------------------------------------------------------------ the epochs
 def save_epoch(run: Run) -> None:
     """metrics.csv, then (no Ctrl-C leaves it ahead of them) checkpoint.pt, to resume from."""
     kept = f"{run.kept()}; then continue with --resume"
@@ -340,8 +339,7 @@ def fit(run: Run) -> dict[str, Any]:
     for epoch in range(len(run.history) + 1, args.epochs + 1):
         t0 = time.perf_counter()
         end_epoch(run, train(run, epoch), t0)
-    # metrics.csv and the plots of the whole history, also on a resume of a finished run (and
-    # checkpoint.pt, where that resume writes to a new --out)
+    # The whole history's metrics.csv, plots and (if not here yet) checkpoint.pt, also on a resume
     kept = f"{run.kept()}; --resume it to write the outputs again"
     on_rank0(run.rank, run.world, lambda: rundir.write_metrics(run.out / "metrics.csv", run.history,
              kept) if (run.out / "checkpoint.pt").is_file() else save_epoch(run))
