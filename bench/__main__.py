@@ -32,29 +32,52 @@ def _shape(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:  # argparse then names the option and exits with status 2
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:k], got {text!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device here")
+    return text
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true",
                    help="few, short repetitions: a smoke run, not a measurement (default: off)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:k] (default: cpu)")
+    p.add_argument("--device", default="cpu", type=_device,
+                   help="cpu or cuda[:k] (default: cpu)")
     p.add_argument("--compile", action="store_true",
                    help="also time the step under torch.compile (default: off)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                    metavar="SECTION", help=f"sections to run, of {', '.join(SECTIONS)} "
                    "(default: all)")
-    p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN),
+    p.add_argument("--hidden", type=_positive, nargs="+", default=list(HIDDEN),
                    help=f"hidden sizes H (default: {' '.join(map(str, HIDDEN))})")
-    p.add_argument("--batch", type=int, nargs="+", default=list(BATCH),
+    p.add_argument("--batch", type=_positive, nargs="+", default=list(BATCH),
                    help=f"batch sizes B (default: {' '.join(map(str, BATCH))})")
     p.add_argument("--split", nargs="+", type=_shape, default=list(split.DEFAULT_SHAPES),
                    metavar="HxB", help="shapes of the split section (default: "
                    + " ".join(f"{h}x{b}" for h, b in split.DEFAULT_SHAPES) + ")")
-    p.add_argument("--floor", type=int, nargs="+", default=[1024, 1, 128], metavar="H B",
+    p.add_argument("--floor", type=_positive, nargs="+", default=[1024, 1, 128], metavar="H B",
                    help="the floor section's hidden size, then its batch sizes (default: 1024 "
                    "1 128)")
-    p.add_argument("--floor-runs", type=int, default=6, metavar="N",
+    p.add_argument("--floor-runs", type=_positive, default=6, metavar="N",
                    help="the floor section's runs per step, alternating (default: 6)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive, default=None,
                    help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared "
@@ -69,9 +92,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     where.add_argument("--save-reference", action="store_true",
                        help="write the tracked reference bench/results.json (default: off)")
     args = p.parse_args(argv)
-    if len(args.floor) < 2 or min(args.floor) < 1 or args.floor_runs < 1:
-        p.error("--floor takes a hidden size and one or more batch sizes, all positive, and "
-                "--floor-runs a positive number of runs")
+    if len(args.floor) < 2:
+        p.error("--floor takes a hidden size, then one or more batch sizes")
     args.out = output_path(args.out, args.save_reference)
     return args
 

@@ -253,8 +253,17 @@ def test_floor_bare_functions_compute_native_gradients() -> None:
 
 
 @pytest.mark.parametrize("argv", [["--floor", "1024"], ["--floor", "1024", "0"],
-                                  ["--floor-runs", "0"]])
-def test_floor_options_are_checked(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+                                  ["--floor-runs", "0"], ["--hidden", "0"], ["--batch", "-1"],
+                                  ["--batch", "x"], ["--threads", "0"], ["--device", "tpu"]])
+def test_bad_options_are_one_usage_error_naming_them(argv: list[str],
+                                                      capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         bench_main.parse_args(argv)
-    assert e.value.code == 2 and "--floor" in capsys.readouterr().err
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        bench_main.parse_args(["--device", "cuda"])
+    assert "torch sees no CUDA device" in capsys.readouterr().err
