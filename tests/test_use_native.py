@@ -135,3 +135,55 @@ def test_use_native_relu_inplace_keeps_the_inplace_effect() -> None:
         out = F.relu(u, inplace=True)
     assert out is u
     torch.testing.assert_close(u, expected)
+
+
+def test_checkpoint_recomputes_under_the_setting_its_context_fn_gives() -> None:
+    # torch.utils.checkpoint recomputes in backward, under the setting active there: across a
+    # use_native() boundary that is the other implementation, which torch's metadata check
+    # refuses; the documented context_fn makes the recompute take the forward's setting.
+    from torch.utils.checkpoint import CheckpointError, checkpoint
+
+    torch.manual_seed(0)
+    model, x = torch_mlp.MLP(6, [5], 3), torch.randn(4, 6)
+    with torch_mlp.use_native():
+        out = checkpoint(model, x, use_reentrant=False)
+    with pytest.raises(CheckpointError, match="different metadata"):
+        out.sum().backward()
+    model.zero_grad()
+    with torch_mlp.use_native():
+        out = checkpoint(model, x, use_reentrant=False,
+                         context_fn=lambda: (torch_mlp.use_native(), torch_mlp.use_native()))
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch_mlp.use_native():
+        model(x).sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_compiled_code_follows_use_native_entered_around_the_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A ReLU backward made wrong on purpose tells the two implementations apart: the compiled
+    # model runs it outside the block, native's inside, and again the hand-derived one after.
+    from torch_mlp.functions import ReLUFunction
+
+    real = ReLUFunction.backward
+    monkeypatch.setattr(ReLUFunction, "backward", staticmethod(lambda ctx, g: 2 * real(ctx, g)))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = torch_mlp.MLP(6, [5], 3), torch.randn(4, 6)
+    compiled = torch.compile(model, backend="eager")
+
+    def first_layer_grad(m: torch.nn.Module) -> torch.Tensor:
+        model.zero_grad()
+        m(x).square().sum().backward()
+        return model[0].weight.grad.clone()
+
+    with torch_mlp.use_native():
+        native = first_layer_grad(model)
+    assert not torch.allclose(first_layer_grad(compiled), native)  # compiled outside first
+    with torch_mlp.use_native():
+        torch.testing.assert_close(first_layer_grad(compiled), native)
+    assert not torch.allclose(first_layer_grad(compiled), native)
+    torch._dynamo.reset()
