@@ -121,15 +121,15 @@ def test_native_run_follows_the_custom_run(run) -> None:
 
 def test_resume_is_bit_identical(run, data_dir: Path, mnist: MNISTTensors, tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    run(out="straight")
+    run("--verify-every", "3", out="straight")
     with monkeypatch.context() as m:
         _interrupt_after_saving(m, epoch=1)
         with pytest.raises(KeyboardInterrupt):
-            run(out="resumed")
+            run("--verify-every", "3", out="resumed")
     ck_path = tmp_path / "resumed" / "checkpoint.pt"
     assert _load(ck_path)["epoch"] == 1
     # Resumed with the checkpoint alone, as the Ctrl-C message says: its flags come from the
-    # checkpoint, --threads 1 included, whatever this process was set to.
+    # checkpoint, --threads 1 and --verify-every 3 included, whatever this process was set to.
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -144,7 +144,12 @@ def test_resume_is_bit_identical(run, data_dir: Path, mnist: MNISTTensors, tmp_p
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
     assert a["scheduler"] == b["scheduler"]
     assert torch.equal(a["shuffle"], b["shuffle"])
-    assert [r["epoch"] for r in _metrics(tmp_path / "resumed" / "metrics.csv")] == ["1", "2"]
+    timing = ("seconds", "train_seconds", "samples_per_s", "verify_seconds")
+    rows = [[{k: v for k, v in r.items() if k not in timing} for r in _metrics(p)]
+            for p in (tmp_path / "straight" / "metrics.csv", tmp_path / "resumed" / "metrics.csv")]
+    assert rows[0] == rows[1] and [r["epoch"] for r in rows[1]] == ["1", "2"]
+    assert rows[1][1]["verify_checks"] == "3"  # global steps 12, 15 and 18 of epoch 2
+    assert b["args"]["verify_every"] == 3
 
 
 def test_ctrl_c_after_the_last_checkpoint_leaves_the_metrics(
@@ -164,6 +169,21 @@ def test_ctrl_c_after_the_last_checkpoint_leaves_the_metrics(
     assert capsys.readouterr().err == (f"train.py: interrupted; continue with --resume "
                                        f"{out / 'checkpoint.pt'}\n")
     assert [r["epoch"] for r in _metrics(out / "metrics.csv")] == ["1", "2"]
+
+
+def test_under_torchrun_only_rank_0_says_it_was_interrupted(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _interrupt_after_saving(monkeypatch, epoch=1)
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets; WORLD_SIZE stays 1: no process group
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out", str(tmp_path / "run"), "--data-dir",
+                                      str(data_dir), *FAST])
+    try:
+        with pytest.raises(SystemExit) as exc:
+            T.cli()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert exc.value.code == 130 and capsys.readouterr().err == ""
 
 
 def test_a_finished_run_resumed_writes_its_outputs_again(run, data_dir: Path, tmp_path: Path,
@@ -307,22 +327,25 @@ def test_damaged_checkpoint_is_one_line(damage: str, run, finished_run: Path,
     assert "\n" not in str(exc.value)
 
 
-def test_full_disk_names_the_file_and_what_was_kept(run, tmp_path: Path,
+@pytest.mark.parametrize("epoch", [1, 2])
+def test_full_disk_names_the_file_and_what_was_kept(run, tmp_path: Path, epoch: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     real, out = torch.save, tmp_path / "run"
 
     def save(obj: Any, f: Any, *a: Any, **k: Any) -> None:
-        if obj["epoch"] == 2:
+        if obj["epoch"] == epoch:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save)
+    kept = (f"the checkpoint of epoch 1, {out / 'checkpoint.pt'}, is kept; then continue with "
+            f"--resume" if epoch == 2 else "no checkpoint was written; start again")
     with pytest.raises(TrainingError, match=re.escape(
             f"cannot write {out / 'checkpoint.pt'} (No space left on device): free some space; "
-            f"the checkpoint of epoch 1, {out / 'checkpoint.pt'}, is kept; then continue with "
-            f"--resume")):
+            f"{kept}")):
         run()
-    assert _load(out / "checkpoint.pt")["epoch"] == 1
+    if epoch == 2:
+        assert _load(out / "checkpoint.pt")["epoch"] == 1
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
 
 

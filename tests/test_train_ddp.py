@@ -87,3 +87,14 @@ def test_resume_over_another_world_size_that_keeps_the_epoch_is_exact(
     assert a["epoch"] == b["epoch"] == 2 and b["world_size"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluate_under_torchrun_is_one_evaluation_by_rank_0(data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    T.main(["--data-dir", str(data_dir), "--out", str(out), "--limit", "200", *FLAGS,
+            "--epochs", "1", "--threads", "1"])
+    rc, (err0, err1) = _torchrun(["--evaluate", str(out / "checkpoint.pt"), "--data-dir",
+                                  str(data_dir), "--quiet"], tmp_path)
+    assert rc == 0 and err0 == "" and err1 == "", (err0, err1)
+    assert {"evaluation.json", "confusion.png", "mistakes.png"} <= {p.name for p in out.iterdir()}

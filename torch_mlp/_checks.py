@@ -13,10 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.nn import _reduction
 
-# size_average / reduce -> reduction, with torch.nn's deprecation warning.
-legacy_get_string = _reduction.legacy_get_string
 # One C call that says whether autocast is on anywhere: the common case skips building t.device.
 _any_autocast_enabled = torch._C._is_any_autocast_enabled
 

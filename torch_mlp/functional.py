@@ -15,6 +15,7 @@ import torch
 import torch.fx
 import torch.nn.functional as TF
 from torch import Tensor
+from torch.nn import _reduction
 
 from . import _checks, functions
 from ._dispatch import apply, native_enabled, variants
@@ -103,7 +104,7 @@ def cross_entropy(
         return TF.cross_entropy(input, target, weight, size_average, ignore_index, reduce,
                                 reduction, label_smoothing)
     if size_average is not None or reduce is not None:  # as torch: warns, then maps
-        reduction = _checks.legacy_get_string(size_average, reduce)
+        reduction = _reduction.legacy_get_string(size_average, reduce)
     if type(label_smoothing) is not float:  # as native's argument parser: a number or a
         label_smoothing = _checks.as_float(label_smoothing, "label_smoothing")  # 0-dim tensor
     if not label_smoothing > 0:  # as native: NaN or a negative value is no smoothing

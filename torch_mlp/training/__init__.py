@@ -291,7 +291,7 @@ def evaluate(run: Run) -> tuple[float, float]:
 
 def save_epoch(run: Run) -> None:
     """metrics.csv, then (no Ctrl-C leaves it ahead of them) checkpoint.pt, to resume from."""
-    kept = f"{run.kept()}; then continue with --resume"
+    kept = run.kept() + ("; then continue with --resume" if run.last_good else "; start again")
     rundir.write_metrics(run.out / "metrics.csv", run.history, kept)
     rundir.save_checkpoint(run.out / "checkpoint.pt", {
         "epoch": run.history[-1]["epoch"], "step": run.step, "model": run.module.state_dict(),
@@ -401,8 +401,8 @@ def run(args: argparse.Namespace, data: mnist.MNISTTensors | None = None) -> dic
         dist.init_process_group("nccl" if cuda else "gloo")
         rank = dist.get_rank()
     try:
-        if args.evaluate is not None:
-            return evaluate_checkpoint(args, data)
+        if args.evaluate is not None:  # under torchrun: one process reads and writes
+            return on_rank0(rank, world, lambda: evaluate_checkpoint(args, data))
         r = setup(args, data, rank, world, local_rank)
         # The run directory is this run's alone until it ends: rank 0 holds its lock.
         with on_rank0(rank, world, lambda: rundir.take(r.out, args.resume)) or \
@@ -436,11 +436,12 @@ def _stop(signum: int, _: Any) -> None:
 def cli() -> None:
     """The command: an error is one line (status 1), Ctrl-C or SIGTERM says what to resume."""
     args, prog = config.parse_args(), os.path.basename(sys.argv[0])
+    say = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for every process
     signal.signal(signal.SIGTERM, _stop)
     try:
         run(args)
     except (TrainingError, mnist.MNISTIntegrityError) as e:
-        if os.environ.get("RANK", "0") == "0":
+        if say:
             print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
@@ -449,9 +450,10 @@ def cli() -> None:
                 signal.signal(sig, signal.SIG_IGN)
             ck = Path(args.out, "checkpoint.pt")
             ck = ck if ck.is_file() else args.resume
-            print(f"{prog}: interrupted" + ("" if args.evaluate else f"; continue with --resume "
-                  f"{ck}" if ck else "; no checkpoint was written, start the run again"),
-                  file=sys.stderr)
+            then = "" if args.evaluate else f"; continue with --resume {ck}" if ck else \
+                "; no checkpoint was written, start the run again"
+            if say:
+                print(f"{prog}: interrupted{then}", file=sys.stderr)
         sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
 

@@ -40,9 +40,9 @@ DEFAULT_TEXT: dict[str, str] = {
 # given on the command line with another value.
 TRAJECTORY_KEYS = ("hidden", "epochs", "batch_size", "lr", "momentum", "nesterov", "optimizer",
                    "schedule", "l2", "label_smoothing", "seed", "limit", "native", "amp")
-# Flags that change how the numbers round, not what is trained: a resume takes them from the
-# checkpoint unless given (another value gives a resume that is not bit-identical).
-CARRIED_KEYS = ("threads", "compile")
+# Flags of how the run goes, not what it trains: a resume takes them from the checkpoint unless
+# given (other threads or compile round differently; another --verify-every checks otherwise).
+CARRIED_KEYS = ("threads", "compile", "verify_every")
 EVALUATE_FLAGS = ("evaluate", "data_dir", "out", "threads", "quiet")  # the rest: not with it
 FLOAT_MAX = 1e6  # an --lr or --l2 above overflows float32 in a few steps: a typo, not a setting
 
@@ -192,8 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def merge_resume_args(args: argparse.Namespace, saved: dict[str, Any], path: str) -> None:
-    """Take the checkpoint's flags that change what is trained (``saved``), and those that
-    change its rounding unless given; refuse a flag of the first kind given with another value."""
+    """Take the checkpoint's flags that change what is trained (``saved``), and those of how it
+    runs unless given; refuse a flag of the first kind given with another value."""
     clashes = [f"--{key.replace('_', '-')} {format_default(getattr(args, key))} (checkpoint: "
                f"{format_default(saved[key])})" for key in TRAJECTORY_KEYS
                if key in args.explicit and getattr(args, key) != saved[key]]
