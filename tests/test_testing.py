@@ -119,6 +119,12 @@ class LinearWrongLayout(_SavesInputs):
         return g @ weight.t(), x.t() @ g
 
 
+def _check(*args, **kwargs):
+    """check_function without forward mode: the Functions planted here have no jvp (forward mode
+    has its own tests below)."""
+    return check_function(*args, forward_ad=False, **kwargs)
+
+
 def _x(*shape):
     return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
@@ -156,15 +162,15 @@ def _failed(result: CheckResult) -> set[str]:
 @pytest.mark.parametrize("name", list(BROKEN), ids=list(BROKEN))
 def test_each_check_catches_the_bug_planted_for_it(name, fast_mode):
     custom, reference, make, caught_by = BROKEN[name]
-    result = check_function(custom, reference, *make(), name=name, fast_mode=fast_mode,
-                            raise_on_failure=False)
+    result = _check(custom, reference, *make(), name=name, fast_mode=fast_mode,
+                    raise_on_failure=False)
     assert result.checks == ALL_CHECKS
     assert _failed(result) == caught_by
     first = sorted(caught_by, key=ALL_CHECKS.index)[0]
     # Anchored on the label, so "gradcheck" cannot match inside "gradgradcheck".
     pattern = "^" + re.escape(name) + rf" \(\w+\): {first} failed on "
     with pytest.raises(GradientCheckError, match=pattern):
-        check_function(custom, reference, *make(), name=name, fast_mode=fast_mode)
+        _check(custom, reference, *make(), name=name, fast_mode=fast_mode)
 
 
 def test_gradcheck_message_names_the_function_the_input_and_gives_torchs_report():
@@ -204,7 +210,7 @@ def test_missing_one_over_n_fails_gradient_parity_not_output_parity():
 def test_parity_with_a_correct_but_different_reference_names_the_output():
     with pytest.raises(GradientCheckError, match=r"^LinearWrongLayout: parity float32 failed on "
                        r"output\[0\]: Tensor-likes are not close!"):
-        check_function(LinearWrongLayout.apply, TF.linear, _x(2, 3), _x(3, 3))
+        _check(LinearWrongLayout.apply, TF.linear, _x(2, 3), _x(3, 3))
 
 
 class OnceDifferentiableSquare(_SavesInputs):
@@ -221,10 +227,10 @@ class OnceDifferentiableSquare(_SavesInputs):
 
 def test_once_differentiable_backward_gets_a_gradgrad_false_hint():
     with pytest.raises(GradientCheckError, match=r"(?s)^OnceDifferentiableSquare: gradgradcheck "
-                       r"failed.*@once_differentiable backward has none to check: pass "
-                       r"gradgrad=False"):
-        check_function(OnceDifferentiableSquare.apply, torch.square, _u())
-    result = check_function(OnceDifferentiableSquare.apply, torch.square, _u(), gradgrad=False)
+                       r"failed.*if the backward is @once_differentiable, it has no second "
+                       r"derivative to check: pass gradgrad=False"):
+        _check(OnceDifferentiableSquare.apply, torch.square, _u())
+    result = _check(OnceDifferentiableSquare.apply, torch.square, _u(), gradgrad=False)
     assert result.failures == [] and "gradgradcheck" not in result.checks
 
 
@@ -251,11 +257,11 @@ class RowOff(Function):
 
 def test_fast_mode_passes_a_10_percent_error_in_one_row_that_exhaustive_mode_catches():
     x = _x(100, 4)  # the error is 4 of 400 Jacobian rows, diluted in fast mode's projection
-    assert check_function(RowOff.apply, None, x, gradgrad=False).failures == []
+    assert _check(RowOff.apply, None, x, gradgrad=False).failures == []
     with pytest.raises(GradientCheckError, match=r"gradcheck failed on input\[0\]"):
-        check_function(RowOff.apply, None, x, gradgrad=False, fast_mode=False)
+        _check(RowOff.apply, None, x, gradgrad=False, fast_mode=False)
     # With a reference, parity catches it in fast mode too.
-    result = check_function(RowOff.apply, lambda x: 3 * x, x, raise_on_failure=False)
+    result = _check(RowOff.apply, lambda x: 3 * x, x, raise_on_failure=False)
     assert _failed(result) == PARITY
 
 
@@ -302,7 +308,7 @@ def test_fast_mode_cost_does_not_grow_with_the_input_size():
         calls += 1
         return LinearWithBias.apply(*args)
 
-    result = check_function(counted, TF.linear, _x(64, 128), _x(64, 128), _x(64))
+    result = _check(counted, TF.linear, _x(64, 128), _x(64, 128), _x(64))
     assert result.failures == []
     assert 0 < calls < 200, calls
 
@@ -350,8 +356,8 @@ def _native_linear(x, weight):
 
 @MODES
 def test_complex_function_with_conjugates_passes(fast_mode):
-    result = check_function(ComplexLinear.apply, _native_linear, _c(3, 4), _c(2, 4),
-                            fast_mode=fast_mode)
+    result = _check(ComplexLinear.apply, _native_linear, _c(3, 4), _c(2, 4),
+                    fast_mode=fast_mode)
     assert result.failures == [] and result.checks == ALL_CHECKS
     assert result.max_err < 1e-5
 
@@ -373,7 +379,7 @@ def test_complex_inputs_are_cast_for_parity():
         seen.append(x.dtype)
         return ComplexLinear.apply(x, weight)
 
-    check_function(spy, _native_linear, _c(3, 4), _c(2, 4), gradgrad=False)
+    _check(spy, _native_linear, _c(3, 4), _c(2, 4), gradgrad=False)
     assert torch.complex64 in seen and torch.complex128 in seen  # float32 / float64 parity
 
 
@@ -390,14 +396,14 @@ def test_correct_function_passes_every_check():
 
 
 def test_gradgrad_false_skips_double_backward():
-    result = check_function(CrossEntropyDetachedBackward.apply, TF.cross_entropy, _x(5, 4), _y(),
-                            gradgrad=False)
+    result = _check(CrossEntropyDetachedBackward.apply, TF.cross_entropy, _x(5, 4), _y(),
+                    gradgrad=False)
     assert result.failures == []
     assert result.checks == ["gradcheck", "parity float32", "parity float64"]
 
 
 def test_reference_none_skips_parity():
-    result = check_function(LinearWrongLayout.apply, None, _x(2, 3), _x(3, 3))
+    result = _check(LinearWrongLayout.apply, None, _x(2, 3), _x(3, 3))
     assert result.failures == [] and result.checks == ["gradcheck", "gradgradcheck"]
     assert result.parity_max_err == {}
 
@@ -606,3 +612,39 @@ def test_k_matching_nothing_is_a_usage_error(capsys):
         testing.main(["-k", "no-such-case"])
     assert exc.value.code == 2
     assert "no case id contains 'no-such-case'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# forward mode: the Function's jvp
+# --------------------------------------------------------------------------------------------
+@MODES
+def test_a_wrong_jvp_fails_gradcheck_in_forward_mode(fast_mode, monkeypatch):
+    from torch_mlp.functions import ReLUFunction
+
+    monkeypatch.setattr(ReLUFunction, "jvp", staticmethod(lambda ctx, u_t: 2 * u_t))
+    result = check_function(F.relu, TF.relu, _u(), fast_mode=fast_mode, raise_on_failure=False)
+    assert _failed(result) == {"gradcheck"}  # the backward, double backward and parity are right
+    assert "forward mode" in result.failures[0] and "on input[0]" in result.failures[0]
+    assert check_function(F.relu, TF.relu, _u(), fast_mode=fast_mode,
+                          forward_ad=False).failures == []
+
+
+class SquareWithoutJvp(_SavesInputs):
+    """x², backward right, no jvp: forward mode cannot run."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_a_function_without_jvp_is_told_to_pass_forward_ad_false():
+    with pytest.raises(GradientCheckError, match=r"^SquareWithoutJvp: gradcheck failed in "
+                       r"forward mode: .*jvp.* \(or pass forward_ad=False\)"):
+        check_function(SquareWithoutJvp.apply, torch.square, _u())
+    assert check_function(SquareWithoutJvp.apply, torch.square, _u(),
+                          forward_ad=False).failures == []

@@ -91,8 +91,7 @@ class MLP(nn.Sequential):
 
 
 def _size(n: object) -> bool:
-    """Whether ``n`` is a positive integer-like (int, numpy integer), as ``nn.Linear`` takes
-    sizes; a bool is not: True as a layer size is a mistake."""
+    """Whether ``n`` is a positive integer (int, numpy integer, not bool), as ``nn.Linear``."""
     try:
         return not isinstance(n, bool) and operator.index(n) > 0
     except TypeError:
@@ -118,9 +117,8 @@ def convert(model: nn.Module, *, to_native: bool = False, verbose: bool = False)
     ``to_native=True`` swaps the other way, twin → torch.nn, e.g. before
     ``torch.ao.quantization.quantize_dynamic``, which swaps exact ``nn.Linear`` only.
 
-    Modules are swapped, function calls are not: a forward that calls
-    ``torch.nn.functional.relu`` itself (``nn.TransformerEncoderLayer`` with
-    ``activation="relu"``, ``nn.MultiheadAttention``) keeps those calls native.
+    Modules are swapped, function calls are not: ``F.relu`` called in a forward
+    (``nn.TransformerEncoderLayer(activation="relu")``, ``nn.MultiheadAttention``) stays native.
 
     Args:
         model: any module (a ``torch.jit.ScriptModule`` is refused).

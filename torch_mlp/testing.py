@@ -1,17 +1,15 @@
 """Gradient checks for your own CI: ``check_function`` and ``python -m torch_mlp.testing``.
 
 ``check_function(custom, reference, *inputs)`` puts a custom op (typically the ``apply`` of your
-``torch.autograd.Function``) through torch's own checks: ``torch.autograd.gradcheck`` and
-``gradgradcheck`` in float64 (backward and double backward against finite differences; complex
-tensors by PyTorch's conjugate Wirtinger convention, so a missing ``.conj()`` is caught), then
-parity: its outputs and every input gradient against ``reference`` (the native op), in float32
-and float64, with ``torch.testing.assert_close``.
+``torch.autograd.Function``) through torch's own checks in float64, ``gradcheck`` (backward and
+forward mode against finite differences; complex tensors by the conjugate Wirtinger convention,
+so a missing ``.conj()`` is caught) and ``gradgradcheck``, then parity with ``reference`` (the
+native op): outputs and input gradients, float32 and float64, ``torch.testing.assert_close``.
 
 ``fast_mode=True`` compares one random projection ``vᵀJu`` of each Jacobian: cheap at any size,
-but an error in a few rows of a large Jacobian is diluted in the projected sum (a gradient 10%
-off in one row of a (100, 4) input passes). Parity catches that; without a reference, also run
-``fast_mode=False`` on small inputs: it compares every entry (refused past half this machine's
-memory, at most 16 GiB). torch reports a failed fast check from the whole Jacobian too.
+but a few wrong rows are diluted in the sum (a gradient 10% off in one row of a (100, 4) input
+passes). Parity catches that; without a reference, also run ``fast_mode=False`` on small
+inputs: it compares every entry (refused past half this machine's memory, at most 16 GiB).
 """
 
 from __future__ import annotations
@@ -65,6 +63,7 @@ def check_function(
     *inputs: Any,
     name: str = "",
     gradgrad: bool = True,
+    forward_ad: bool = True,
     fast_mode: bool = True,
     parity_dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
     tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
@@ -80,6 +79,7 @@ def check_function(
         inputs: its arguments; tensors that require grad are differentiated, others pass as is.
         name: the label in results and messages; defaults to the Function's name.
         gradgrad: also check double backward (False for a ``once_differentiable`` backward).
+        forward_ad: also check forward mode, the Function's ``jvp`` (False if it has none).
         fast_mode: torch's random projections instead of whole Jacobians.
         parity_dtypes: the dtypes of the parity check (complex inputs take the complex twin).
         tolerances: ``{dtype: (rtol, atol)}`` for parity; assert_close's defaults otherwise.
@@ -101,7 +101,7 @@ def check_function(
     outputs = [o for o in _call(custom, "custom", x64) if o.requires_grad]
     if not fast_mode:
         _refuse_past_limit(x64, outputs, gradgrad)
-    checks: dict[str, dict[str, Any]] = {"gradcheck": {}}
+    checks: dict[str, dict[str, Any]] = {"gradcheck": {"check_forward_ad": forward_ad}}
     if gradgrad and outputs:  # with no differentiable output, gradcheck has said so already
         gen = _generator(seed)
         g = [torch.randn(o.shape, dtype=o.dtype, generator=gen).requires_grad_() for o in outputs]
@@ -126,9 +126,11 @@ def _torch_check(check: str, custom: Callable[..., Any], x64: Sequence[Any], n_o
     """[] when torch.autograd's ``check`` passes, else its report, naming the input."""
     try:
         getattr(torch.autograd, check)(custom, x64, raise_exception=True, **kwargs)
+    except NotImplementedError as e:  # torch's, for a Function without jvp in forward mode
+        return [f"{check} failed in forward mode: {e} (or pass forward_ad=False)"]
     except GradcheckError as e:
-        hint = ("\n(a @once_differentiable backward has none to check: pass gradgrad=False)"
-                if check == "gradgradcheck" else "")
+        hint = ("\n(if the backward is @once_differentiable, it has no second derivative to "
+                "check: pass gradgrad=False)" if check == "gradgradcheck" else "")
         return [f"{check} failed{_where(str(e), x64, n_outputs)}: {e}{hint}"]
     return []
 
@@ -196,7 +198,7 @@ def _refuse_past_limit(x64: Sequence[Any], outputs: Sequence[Tensor], gradgrad: 
     rows, cols, check = ((n_in + n_out, n_in, "gradgradcheck") if gradgrad
                          else (n_in, n_out, "gradcheck"))
     itemsize = 16 if any(t.is_complex() for t in (*diff, *outputs)) else 8
-    need = 2 * rows * cols * itemsize  # numerical and analytical
+    need = 8 * rows * cols * itemsize  # torch's slow mode peaks at 6.5-7.7 such matrices
     try:  # half this machine's memory, at most 16 GiB
         limit = min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2, 16 * 2**30)
     except (AttributeError, ValueError, OSError):  # no sysconf, e.g. on Windows
@@ -204,7 +206,7 @@ def _refuse_past_limit(x64: Sequence[Any], outputs: Sequence[Tensor], gradgrad: 
     if need > limit:
         raise MemoryError(
             f"fast_mode=False would need ~{need / 2**30:,.1f} GiB for the Jacobians of "
-            f"{check} ({rows:,} × {cols:,} entries, numerical and analytical); the limit is "
+            f"{check} ({rows:,} × {cols:,} entries, each held several times); the limit is "
             f"{limit / 2**30:.1f} GiB (half this machine's memory, at most 16); use "
             "fast_mode=True, or smaller inputs")
 

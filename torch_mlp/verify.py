@@ -13,15 +13,13 @@ rounding, and natively in float64, nearly exact, which measures native's own rou
     torch_mlp.verify.check(model, compute_loss, x, y, loss=loss)  # raises VerifyError if off
     opt.step()
 
-Both passes run ``loss_fn(copy, *inputs)`` on a ``copy.deepcopy`` of the model (tied weights and
-shared submodules stay shared), never on the model itself, so its parameters, buffers and the RNG
-streams stay as they were whatever ``loss_fn`` does. ``loss_fn`` must therefore compute with the
-model it is given. Floating tensors among ``inputs`` (also inside lists, tuples, namedtuples,
-mappings and dataclasses) are cast to float64 for the float64 pass; any other floating tensor
-the loss reads must belong to the model (a ``CrossEntropyLoss(weight=...)`` as a submodule).
-Under DDP, ``loss_fn`` receives a copy of ``model.module``. A loss that draws random numbers
-(dropout in training mode) or changes model state it reads (spectral_norm in training mode) is
-refused: the step's state is gone, so no comparison could be sound.
+Both passes run ``loss_fn(copy, *inputs)`` on a ``copy.deepcopy`` of the model (of
+``model.module`` under DDP; shared parts stay shared), so the model, its buffers and the RNG
+streams stay as they were whatever ``loss_fn`` does; it must compute with the model it is given.
+Floating tensors among ``inputs`` (also inside lists, tuples, namedtuples, mappings and
+dataclasses) are cast to float64 for the float64 pass; any other floating tensor the loss reads
+must belong to the model. A loss that draws random numbers (dropout in training mode) or changes
+state it reads (spectral_norm in training mode) is refused: no comparison could be sound.
 
 Per parameter, max|ours − native| ≤ rtol·max|native| + K·max|native − float64|: native's own
 error on this very batch, since near convergence a gradient is a small difference of large terms
@@ -463,8 +461,10 @@ def _failure(report: Report, outside: set[str]) -> str:
         return (f"verify: another process's gradients differ from native autograd's beyond "
                 f"tolerance ({100 * report.used_all:.0f}% of it); this one's are within.\n{report}")
     what, blame = ((f"the gradient of {r.name} differs from native autograd's",
-                    f"the backward of {r.name} is wrong") if r.name != "loss" else
-                   ("the loss value differs from the float64 loss", "the loss's forward is wrong"))
+                    f"the backward of an op that uses {r.name}, or of one after it, is wrong")
+                   if r.name != "loss" else ("the loss value differs from the float64 loss",
+                                             "the loss's forward is wrong, or loss= is not "
+                                             "the loss of these inputs"))
     loss_bad, *grads_bad = [not row.used <= 1 for row in report.rows]
     if not report.autocast_from and any(grads_bad):  # gradients within: autocast matters not
         blame = (f"check() could not tell whether the step ran under autocast: pass "
