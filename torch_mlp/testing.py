@@ -85,12 +85,10 @@ def check_function(
         tolerances: ``{dtype: (rtol, atol)}`` for parity; assert_close's defaults otherwise.
         fd_atol: gradcheck's and gradgradcheck's ``atol``.
         seed: seeds the random upstream gradients of gradgradcheck and parity.
-        raise_on_failure: raise :class:`GradientCheckError` when a check fails; with False,
-            the failures are returned in ``result.failures``.
+        raise_on_failure: raise :class:`GradientCheckError` on a failure, else list it.
 
     Raises:
-        TypeError: tensors in a list input (pass them as separate inputs), or an output that is
-            not a Tensor or a tuple of Tensors.
+        TypeError: tensors in a list input, or an output not a Tensor or tuple of Tensors.
         ValueError: a meta tensor input (gradcheck needs values).
         MemoryError: ``fast_mode=False`` on inputs whose Jacobians would not fit.
     """
